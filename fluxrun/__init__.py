@@ -1,0 +1,120 @@
+"""fluxrun: durable workflows for Python.
+
+Define ordered steps with retries, timeouts, conditions, compensations and waits for
+signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
+"""
+
+from __future__ import annotations
+
+from ._context import Flux, WaitMarker, WorkflowContext, wait
+from ._definition import (
+    StepDefinition,
+    StepDescriptor,
+    Workflow,
+    WorkflowBuilder,
+    WorkflowDefinition,
+    WorkflowDescriptor,
+    create_workflow,
+)
+from ._engine import FluxEngine
+from ._records import (
+    FluxResult,
+    StepExecution,
+    StepStatus,
+    WorkflowFilter,
+    WorkflowState,
+    WorkflowStatus,
+)
+from ._retry import RetryPolicy
+from ._seed import WorkflowStorage
+from ._sync import SyncFluxEngine
+from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
+from .errors import (
+    CommittedStepError,
+    CompensationError,
+    ConcurrentModificationError,
+    DefinitionError,
+    EmptyWorkflowError,
+    FluxError,
+    InvalidArgumentError,
+    InvalidInputError,
+    InvalidStateError,
+    InvalidStepIndexError,
+    LeaseLostError,
+    NonRetryableError,
+    RunBusyError,
+    SchemaVersionError,
+    SerializationError,
+    SignalMismatchError,
+    StepNotFoundError,
+    StepTimeoutError,
+    StorageError,
+    UnknownWorkflowError,
+    WorkflowDefinitionChangedError,
+    WorkflowNameMismatchError,
+    WorkflowNotFoundError,
+    WorkflowNotSuspendedError,
+)
+from .storage.memory import MemoryStorage
+from .storage.postgres import PostgresStorage
+from .storage.sqlite import SQLiteStorage
+from .trace.jsonfile import JsonFileTraceSink
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "CommittedStepError",
+    "CompensationError",
+    "ConcurrentModificationError",
+    "DefinitionError",
+    "EmptyWorkflowError",
+    "Flux",
+    "FluxEngine",
+    "FluxError",
+    "FluxLogger",
+    "FluxResult",
+    "FluxTraceEvent",
+    "FluxTraceSink",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "InvalidStateError",
+    "InvalidStepIndexError",
+    "JsonFileTraceSink",
+    "LeaseLostError",
+    "MemoryStorage",
+    "NonRetryableError",
+    "PostgresStorage",
+    "RetryPolicy",
+    "RunBusyError",
+    "SQLiteStorage",
+    "SchemaVersionError",
+    "SerializationError",
+    "SignalMismatchError",
+    "StepDefinition",
+    "StepDescriptor",
+    "StepExecution",
+    "StepNotFoundError",
+    "StepStatus",
+    "StepTimeoutError",
+    "StorageError",
+    "SyncFluxEngine",
+    "UnknownWorkflowError",
+    "WaitMarker",
+    "Workflow",
+    "WorkflowBuilder",
+    "WorkflowContext",
+    "WorkflowDefinition",
+    "WorkflowDefinitionChangedError",
+    "WorkflowDescriptor",
+    "WorkflowFilter",
+    "WorkflowNameMismatchError",
+    "WorkflowNotFoundError",
+    "WorkflowNotSuspendedError",
+    "WorkflowState",
+    "WorkflowStatus",
+    "WorkflowStorage",
+    "__version__",
+    "create_workflow",
+    "wait",
+]

@@ -1,0 +1,488 @@
+"""Defining workflows: the builder, the decorator form, and the immutable definitions."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from ._codec import validate_text
+from ._retry import RetryPolicy, seconds
+from .errors import DefinitionError, EmptyWorkflowError, InvalidInputError, SerializationError
+
+if TYPE_CHECKING:
+    from ._context import WorkflowContext
+
+__all__ = [
+    "InputSpec",
+    "StepDefinition",
+    "StepDescriptor",
+    "Workflow",
+    "WorkflowBuilder",
+    "WorkflowDefinition",
+    "WorkflowDescriptor",
+    "create_workflow",
+]
+
+Handler = Callable[["WorkflowContext"], Any | Awaitable[Any]]
+Condition = Callable[["WorkflowContext"], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class InputSpec:
+    """How a workflow's input is validated, stored and revived.
+
+    ``kind`` is ``"pydantic"`` (a model class), ``"dataclass"`` (a dataclass type) or
+    ``"predicate"`` (a callable returning truthy for valid input).
+    """
+
+    __slots__ = ("kind", "target")
+
+    def __init__(self, spec: object) -> None:
+        if isinstance(spec, type) and hasattr(spec, "model_validate"):
+            self.kind = "pydantic"
+        elif isinstance(spec, type) and dataclasses.is_dataclass(spec):
+            self.kind = "dataclass"
+        elif callable(spec) and not isinstance(spec, type):
+            self.kind = "predicate"
+        else:
+            raise DefinitionError(
+                "input spec must be a pydantic model class, a dataclass type or a predicate "
+                f"callable, got {spec!r}"
+            )
+        self.target: Any = spec
+
+    def validate(self, raw: Any, workflow: str) -> Any:
+        """Return the typed input for ``raw``, or raise :class:`InvalidInputError`."""
+        target = self.target
+        if self.kind == "pydantic":
+            try:
+                return target.model_validate(raw)
+            except Exception as exc:  # pydantic.ValidationError, without importing pydantic
+                details = exc.errors() if hasattr(exc, "errors") else str(exc)
+                raise InvalidInputError(
+                    f"Invalid input for workflow {workflow!r}: {exc}",
+                    workflow_name=workflow,
+                    details=details,
+                ) from exc
+        if self.kind == "dataclass":
+            if isinstance(raw, target):
+                return raw
+            if not isinstance(raw, Mapping):
+                raise InvalidInputError(
+                    f"Invalid input for workflow {workflow!r}: expected {target.__name__} or a "
+                    f"mapping of its fields, got {type(raw).__name__}",
+                    workflow_name=workflow,
+                )
+            try:
+                return target(**raw)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(
+                    f"Invalid input for workflow {workflow!r}: {exc}",
+                    workflow_name=workflow,
+                    details=str(exc),
+                ) from exc
+        try:
+            ok = target(raw)
+        except Exception as exc:
+            raise InvalidInputError(
+                f"Invalid input for workflow {workflow!r}: the validator raised {exc!r}",
+                workflow_name=workflow,
+                details=repr(exc),
+            ) from exc
+        if not ok:
+            raise InvalidInputError(
+                f"Invalid input for workflow {workflow!r}: rejected by its validator",
+                workflow_name=workflow,
+            )
+        return raw
+
+    def to_plain(self, typed: Any) -> Any:
+        """The JSON-ready form stored for ``typed``."""
+        if self.kind == "pydantic":
+            return typed.model_dump(mode="json")
+        if self.kind == "dataclass":
+            return {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
+        return typed
+
+    def revive(self, plain: Any) -> Any:
+        """Rebuild the typed input from its stored form."""
+        if self.kind == "pydantic":
+            return self.target.model_validate(plain)
+        if self.kind == "dataclass":
+            return self.target(**plain)
+        return plain
+
+
+@dataclass(frozen=True, slots=True)
+class StepDefinition:
+    """One step of a workflow. ``timeout`` is in seconds; ``retries`` None means the engine's
+    default."""
+
+    name: str
+    handler: Handler
+    compensate: Handler | None = None
+    retries: int | None = None
+    timeout: float | None = None
+    when: Condition | None = None
+    commit: bool = False
+    retry: RetryPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepDescriptor:
+    """A serializable overview of one step."""
+
+    name: str
+    commit: bool
+    retries: int | None
+    timeout: float | None
+    has_condition: bool
+    has_compensation: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDescriptor:
+    """A serializable overview of a workflow."""
+
+    name: str
+    version: str | None
+    steps: tuple[StepDescriptor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDefinition:
+    """An immutable, validated workflow: its name, version, input spec and ordered steps."""
+
+    name: str
+    steps: tuple[StepDefinition, ...]
+    version: str | None = None
+    input_spec: InputSpec | None = None
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        """The names of the steps, in order."""
+        return tuple(s.name for s in self.steps)
+
+    def describe(self) -> WorkflowDescriptor:
+        """A serializable overview of this workflow."""
+        return _describe(self.name, self.version, self.steps)
+
+    def build(self) -> WorkflowDefinition:
+        """Return self, so a definition is accepted wherever a builder is."""
+        return self
+
+
+def _describe(
+    name: str, version: str | None, steps: tuple[StepDefinition, ...] | list[StepDefinition]
+) -> WorkflowDescriptor:
+    return WorkflowDescriptor(
+        name=name,
+        version=version,
+        steps=tuple(
+            StepDescriptor(
+                name=s.name,
+                commit=s.commit,
+                retries=s.retries,
+                timeout=s.timeout,
+                has_condition=s.when is not None,
+                has_compensation=s.compensate is not None,
+            )
+            for s in steps
+        ),
+    )
+
+
+def _name(value: object, what: str) -> str:
+    try:
+        return validate_text(value, what, max_length=200)
+    except SerializationError as exc:
+        raise DefinitionError(exc.message) from None
+
+
+def _make_step(
+    workflow: str,
+    name: object,
+    handler: object,
+    *,
+    commit: bool,
+    retries: object,
+    timeout: object,
+    when: object,
+    compensate: object,
+    retry: object,
+) -> StepDefinition:
+    step = _name(name, f"step name in workflow {workflow!r}")
+    where = f"step {step!r} of workflow {workflow!r}"
+    if not callable(handler):
+        raise DefinitionError(f"{where}: handler must be callable, got {handler!r}")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise DefinitionError(f"{where}: retries must be an int >= 0, got {retries!r}")
+    seconds_ = None if timeout is None else seconds(timeout, f"{where}: timeout")
+    if when is not None and not callable(when):
+        raise DefinitionError(f"{where}: when must be callable, got {when!r}")
+    if compensate is not None:
+        if commit:
+            raise DefinitionError(f"{where}: a commit step cannot have a compensation")
+        if not callable(compensate):
+            raise DefinitionError(f"{where}: compensate must be callable, got {compensate!r}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise DefinitionError(f"{where}: retry must be a RetryPolicy, got {retry!r}")
+    return StepDefinition(
+        name=step,
+        handler=handler,  # type: ignore[arg-type]
+        compensate=compensate,  # type: ignore[arg-type]
+        retries=retries,  # type: ignore[arg-type]
+        timeout=seconds_,
+        when=when,  # type: ignore[arg-type]
+        commit=commit,
+        retry=retry,
+    )
+
+
+def _build(
+    name: str, version: str | None, spec: InputSpec | None, steps: list[StepDefinition]
+) -> WorkflowDefinition:
+    if not steps:
+        raise EmptyWorkflowError(f"Workflow {name!r} has no steps", workflow_name=name)
+    seen: set[str] = set()
+    for s in steps:
+        if s.name in seen:
+            raise DefinitionError(
+                f"Workflow {name!r} has two steps named {s.name!r}; step names must be unique",
+                workflow_name=name,
+                step=s.name,
+            )
+        seen.add(s.name)
+    return WorkflowDefinition(name=name, steps=tuple(steps), version=version, input_spec=spec)
+
+
+class WorkflowBuilder:
+    """Chainable builder of a :class:`WorkflowDefinition`; start with :func:`create_workflow`."""
+
+    def __init__(self, name: str) -> None:
+        self._name = _name(name, "workflow name")
+        self._version: str | None = None
+        self._spec: InputSpec | None = None
+        self._steps: list[StepDefinition] = []
+        self._built: WorkflowDefinition | None = None
+
+    @property
+    def name(self) -> str:
+        """The workflow's name."""
+        return self._name
+
+    @property
+    def step_count(self) -> int:
+        """How many steps were added so far."""
+        return len(self._steps)
+
+    def input(self, spec: object) -> WorkflowBuilder:
+        """Validate input with a pydantic model, a dataclass type or a predicate."""
+        self._spec = InputSpec(spec)
+        self._built = None
+        return self
+
+    def version(self, v: str) -> WorkflowBuilder:
+        """Set the definition's version string (stored with every run)."""
+        self._version = _name(v, f"version of workflow {self._name!r}")
+        self._built = None
+        return self
+
+    def step(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        compensate: Handler | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> WorkflowBuilder:
+        """Append a step; ``compensate`` undoes it if a later step fails."""
+        self._steps.append(
+            _make_step(
+                self._name,
+                name,
+                handler,
+                commit=False,
+                retries=retries,
+                timeout=timeout,
+                when=when,
+                compensate=compensate,
+                retry=retry,
+            )
+        )
+        self._built = None
+        return self
+
+    def commit(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> WorkflowBuilder:
+        """Append a commit step: once completed it never runs again in the run."""
+        self._steps.append(
+            _make_step(
+                self._name,
+                name,
+                handler,
+                commit=True,
+                retries=retries,
+                timeout=timeout,
+                when=when,
+                compensate=None,
+                retry=retry,
+            )
+        )
+        self._built = None
+        return self
+
+    def build(self) -> WorkflowDefinition:
+        """Validate and return the immutable definition.
+
+        Raises:
+            EmptyWorkflowError: no steps were added.
+            DefinitionError: two steps share a name.
+        """
+        if self._built is None:
+            self._built = _build(self._name, self._version, self._spec, self._steps)
+        return self._built
+
+    def describe(self) -> WorkflowDescriptor:
+        """A serializable overview (works before any step is added)."""
+        return _describe(self._name, self._version, self._steps)
+
+
+def create_workflow(name: str) -> WorkflowBuilder:
+    """Start defining a workflow called ``name``."""
+    return WorkflowBuilder(name)
+
+
+class Workflow:
+    """Decorator form of a workflow definition.
+
+    Example::
+
+        wf = Workflow("order")
+
+        @wf.step(retries=2)
+        async def reserve(ctx): ...
+
+        @wf.compensate(reserve)
+        async def release(ctx): ...
+
+        @wf.commit
+        def charge(ctx): ...
+
+    Steps run in the order they are decorated; the function name is the step name unless
+    ``name=`` is given. Decorators return the function unchanged.
+    """
+
+    def __init__(
+        self, name: str, *, version: str | None = None, input: object | None = None
+    ) -> None:
+        self._builder = WorkflowBuilder(name)
+        if version is not None:
+            self._builder.version(version)
+        if input is not None:
+            self._builder.input(input)
+        self._compensations: dict[str, Handler] = {}
+
+    @property
+    def name(self) -> str:
+        """The workflow's name."""
+        return self._builder.name
+
+    def _add(self, fn: F, commit: bool, options: dict[str, Any]) -> F:
+        name = options.pop("name", None) or getattr(fn, "__name__", None)
+        if commit:
+            self._builder.commit(name, fn, **options)  # type: ignore[arg-type]
+        else:
+            self._builder.step(name, fn, **options)  # type: ignore[arg-type]
+        return fn
+
+    @overload
+    def step(self, fn: F, /) -> F: ...
+    @overload
+    def step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        compensate: Handler | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[F], F]: ...
+    def step(self, fn: F | None = None, /, **options: Any) -> F | Callable[[F], F]:
+        """Decorate a function as the next step (bare, or called with options)."""
+        if fn is not None:
+            return self._add(fn, False, options)
+        return lambda f: self._add(f, False, dict(options))
+
+    @overload
+    def commit(self, fn: F, /) -> F: ...
+    @overload
+    def commit(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[F], F]: ...
+    def commit(self, fn: F | None = None, /, **options: Any) -> F | Callable[[F], F]:
+        """Decorate a function as the next commit step (bare, or called with options)."""
+        if fn is not None:
+            return self._add(fn, True, options)
+        return lambda f: self._add(f, True, dict(options))
+
+    def compensate(self, step: str | Callable[..., Any]) -> Callable[[F], F]:
+        """Decorate the compensation of ``step`` (its name or its decorated function)."""
+        target = step if isinstance(step, str) else getattr(step, "__name__", None)
+        steps = self._builder._steps
+        for i, s in enumerate(steps):
+            if s.name == target or (not isinstance(step, str) and s.handler is step):
+                index = i
+                break
+        else:
+            raise DefinitionError(
+                f"Workflow {self.name!r} has no step {target!r} to attach a compensation to",
+                workflow_name=self.name,
+                step=str(target),
+            )
+
+        def attach(fn: F) -> F:
+            old = steps[index]
+            where = f"step {old.name!r} of workflow {self.name!r}"
+            if old.commit:
+                raise DefinitionError(f"{where}: a commit step cannot have a compensation")
+            if not callable(fn):
+                raise DefinitionError(f"{where}: compensate must be callable, got {fn!r}")
+            steps[index] = dataclasses.replace(old, compensate=fn)
+            self._builder._built = None
+            return fn
+
+        return attach
+
+    def build(self) -> WorkflowDefinition:
+        """Validate and return the immutable definition."""
+        return self._builder.build()
+
+    def describe(self) -> WorkflowDescriptor:
+        """A serializable overview of this workflow."""
+        return self._builder.describe()

@@ -1,0 +1,205 @@
+"""The seed's storage interface (``WorkflowStorage``) and the adapter that runs on it.
+
+A user's class with ``save/load/list/delete`` (and optionally ``init/close``) of whole
+:class:`WorkflowState` records can be passed as ``storage=``. The engine keeps the runs it
+touches in an in-process :class:`MemoryStorage`, which gives the same compare-and-set and
+lease rules as the built-in stores, and writes the whole state through to the user's storage
+after every change. This is for a single process: the user's storage has no
+compare-and-set of its own. A run read back from it after a restart carries its data as of
+its last save, so ``resume`` from an earlier step keeps that data rather than the data as it
+was when that step first ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ._codec import encode
+from ._records import StepStatus, WorkflowFilter, WorkflowState
+from ._state import changes_text, to_state
+from .errors import StorageError
+from .storage._base import Applied, ListQuery, RunRow, StepRow, Store, Transition
+from .storage.memory import MemoryStorage
+
+__all__ = ["SeedStorageAdapter", "WorkflowStorage", "is_seed_storage"]
+
+
+@runtime_checkable
+class WorkflowStorage(Protocol):
+    """The seed's storage interface: whole-state save/load/list/delete (sync or async)."""
+
+    def save(self, state: WorkflowState) -> Any:
+        """Insert or replace the state of one run."""
+
+    def load(self, id: str) -> Any:
+        """The state of one run, or None."""
+
+    def list(self, filter: WorkflowFilter | None = None) -> Any:
+        """States matching the filter, newest first."""
+
+    def delete(self, id: str) -> Any:
+        """Remove one run."""
+
+
+def is_seed_storage(obj: object) -> bool:
+    """Whether ``obj`` has the seed's storage methods."""
+    return all(callable(getattr(obj, m, None)) for m in ("save", "load", "list", "delete"))
+
+
+async def _maybe(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _row_from_state(state: WorkflowState) -> RunRow:
+    recorded = [
+        (i, h) for i, h in enumerate(state.history) if h.status != StepStatus.PENDING.value
+    ]
+    data_text = changes_text({k: encode(v) for k, v in state.data.items()}, ())
+    steps = tuple(
+        StepRow(
+            index=i,
+            name=h.name,
+            status=h.status.value,
+            started_at=h.started_at,
+            completed_at=h.completed_at,
+            suspended_at=h.suspended_at,
+            compensated_at=h.compensated_at,
+            waiting_for=h.waiting_for,
+            duration_ms=h.duration_ms,
+            output=None if h.output is None else encode(h.output),
+            error=h.error,
+            retries=h.retries,
+            # The whole data rides on the last recorded step: replay then yields it.
+            changes=data_text if (i, h) == recorded[-1] else None,
+        )
+        for i, h in recorded
+    )
+    return RunRow(
+        id=state.id,
+        name=state.name,
+        status=state.status.value,
+        input=encode(state.input),
+        step_names=tuple(h.name for h in state.history),
+        current_step=state.current_step,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        version=state.version,
+        fence=0,
+        definition_version=state.definition_version,
+        error=state.error,
+        completed_at=state.completed_at,
+        steps=steps,
+    )
+
+
+class SeedStorageAdapter(Store):
+    """Runs the engine on a user's seed-style storage (single process)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.user = storage
+        self._cache = MemoryStorage()
+
+    async def init(self) -> None:
+        """Call the user's ``init`` if it has one."""
+        if callable(getattr(self.user, "init", None)):
+            await self._call("init")
+
+    async def close(self) -> None:
+        """Call the user's ``close`` if it has one."""
+        if callable(getattr(self.user, "close", None)):
+            await self._call("close")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await _maybe(getattr(self.user, method)(*args))
+        except Exception as exc:
+            raise StorageError(
+                f"{type(self.user).__name__}.{method} failed: {exc}"
+            ) from exc
+
+    async def _write_through(self, run_id: str) -> None:
+        row = await self._cache.load(run_id)
+        if row is not None:
+            await self._call("save", to_state(row, None))
+
+    async def _cached(self, run_id: str) -> RunRow | None:
+        row = await self._cache.load(run_id)
+        if row is not None:
+            return row
+        state = await self._call("load", run_id)
+        if state is None:
+            return None
+        if not isinstance(state, WorkflowState):
+            raise StorageError(
+                f"{type(self.user).__name__}.load returned {type(state).__name__}, "
+                "not a WorkflowState"
+            )
+        imported = _row_from_state(state)
+        await self._cache.create(imported, lease_owner=None, lease_seconds=0)
+        for step in imported.steps:
+            current = await self._cache.load(run_id)
+            assert current is not None
+            await self._cache.apply(
+                Transition(
+                    run_id=run_id,
+                    expected_version=current.version,
+                    updated_at=current.updated_at,
+                    insert_step=step,
+                )
+            )
+        return await self._cache.load(run_id)
+
+    async def create(self, run: RunRow, *, lease_owner: str | None, lease_seconds: float) -> None:
+        """Insert a new run and save it."""
+        await self._cache.create(run, lease_owner=lease_owner, lease_seconds=lease_seconds)
+        await self._write_through(run.id)
+
+    async def apply(self, t: Transition) -> Applied:
+        """Apply a transition to the cached run, then save its whole state."""
+        await self._cached(t.run_id)
+        applied = await self._cache.apply(t)
+        await self._write_through(t.run_id)
+        return applied
+
+    async def load(self, run_id: str) -> RunRow | None:
+        """The run, from this process's cache or the user's storage."""
+        return await self._cached(run_id)
+
+    async def list(self, query: ListQuery) -> list[RunRow]:
+        """Runs from the user's storage."""
+        states = await self._call(
+            "list",
+            WorkflowFilter(
+                name=query.name,
+                status=list(query.statuses) if query.statuses is not None else None,
+                limit=query.limit,
+                offset=query.offset,
+            ),
+        )
+        return [_row_from_state(s) for s in states or ()]
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete from both."""
+        existed = await self._cached(run_id) is not None
+        await self._cache.delete(run_id)
+        await self._call("delete", run_id)
+        return existed
+
+    async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
+        """Unfinished runs, read from the user's storage."""
+        found: list[RunRow] = []
+        for name in names:
+            for row in await self.list(ListQuery(name=name)):
+                if row.status in ("pending", "running", "rolling_back"):
+                    cached = await self._cached(row.id)
+                    if cached is not None:
+                        found.extend(await self._cache.find_recoverable([name], limit))
+                        break
+        unique = {r.id: r for r in found}
+        return list(unique.values())[:limit]
+
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
+        """Leases live in the in-process cache."""
+        return self._cache.renew_leases(owner, fences, lease_seconds)

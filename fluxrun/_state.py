@@ -1,0 +1,100 @@
+"""Turning stored rows into records: history entries, ``ctx.data`` replay, run states."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from ._codec import decode
+from ._definition import InputSpec
+from ._records import StepExecution, StepStatus, WorkflowState, WorkflowStatus
+from .storage._base import RunRow, StepRow
+
+__all__ = ["apply_changes", "changes_text", "entry", "history", "replay_data", "to_state"]
+
+
+def entry(row: StepRow) -> StepExecution:
+    """The history entry of a recorded step."""
+    return StepExecution(
+        name=row.name,
+        status=StepStatus(row.status),
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        suspended_at=row.suspended_at,
+        compensated_at=row.compensated_at,
+        waiting_for=row.waiting_for,
+        duration_ms=row.duration_ms,
+        output=None if row.output is None else decode(row.output),
+        error=row.error,
+        retries=row.retries,
+    )
+
+
+def history(step_names: Iterable[str], rows: Iterable[StepRow]) -> tuple[StepExecution, ...]:
+    """One entry per step: recorded ones from their rows, the others ``pending``."""
+    by_index = {r.index: r for r in rows}
+    return tuple(
+        entry(by_index[i]) if i in by_index else StepExecution(name=name)
+        for i, name in enumerate(step_names)
+    )
+
+
+def changes_text(sets: dict[str, str], dels: Iterable[str]) -> str:
+    """Compose the ``changes`` JSON of a step from already-encoded values."""
+    body = ",".join(f"{json.dumps(k, ensure_ascii=False)}:{v}" for k, v in sets.items())
+    return '{"set":{' + body + '},"del":' + json.dumps(list(dels), ensure_ascii=False) + "}"
+
+
+def apply_changes(data: dict[str, Any], changes: str | None) -> None:
+    """Apply one step's recorded changes to ``data`` in place."""
+    if changes is None:
+        return
+    decoded = decode(changes)
+    data.update(decoded["set"])
+    for key in decoded["del"]:
+        data.pop(key, None)
+
+
+def replay_data(rows: Iterable[StepRow], *, before: int | None = None) -> dict[str, Any]:
+    """``ctx.data`` rebuilt from step changes.
+
+    With ``before``, the data as it was when step ``before`` started (forward changes of
+    the rows before it). Without, the data now: every forward change in step order, then the
+    compensations' changes in the order they ran (reverse step order).
+    """
+    ordered = sorted(rows, key=lambda r: r.index)
+    data: dict[str, Any] = {}
+    for r in ordered:
+        if before is not None and r.index >= before:
+            break
+        apply_changes(data, r.changes)
+    if before is None:
+        for r in reversed(ordered):
+            apply_changes(data, r.compensation_changes)
+    return data
+
+
+def revive_input(text: str, spec: InputSpec | None) -> Any:
+    """The run's input as the steps see it."""
+    plain = decode(text)
+    return plain if spec is None else spec.revive(plain)
+
+
+def to_state(row: RunRow, spec: InputSpec | None) -> WorkflowState:
+    """The public record of a stored run."""
+    return WorkflowState(
+        id=row.id,
+        name=row.name,
+        status=WorkflowStatus(row.status),
+        input=revive_input(row.input, spec),
+        data=replay_data(row.steps),
+        current_step=row.current_step,
+        history=history(row.step_names, row.steps),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+        error=row.error,
+        version=row.version,
+        definition_version=row.definition_version,
+    )

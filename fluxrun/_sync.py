@@ -1,0 +1,119 @@
+"""A blocking facade over :class:`FluxEngine`, for code that is not async."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ._engine import FlowLike, FluxEngine
+from ._records import FluxResult, WorkflowFilter, WorkflowState
+from .errors import InvalidStateError
+
+__all__ = ["SyncFluxEngine"]
+
+T = TypeVar("T")
+
+
+class SyncFluxEngine:
+    """The engine's API as plain blocking calls (Flask, Django, scripts).
+
+    It runs a :class:`FluxEngine` on an event loop in a background thread; each method
+    blocks until the engine's coroutine finishes and returns its result or raises its
+    error. Takes the same keyword arguments as :class:`FluxEngine`. Use it as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, **engine_options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fluxrun-sync", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.engine: FluxEngine = self._call(_make(engine_options))
+        except BaseException:
+            self._stop()
+            raise
+        self._closed = False
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if getattr(self, "_closed", False):
+            coro.close()
+            raise InvalidStateError("this SyncFluxEngine is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def init(self) -> None:
+        """Prepare the store (optional: the first call does it)."""
+        self._call(self.engine.init())
+
+    def register(self, flow: FlowLike) -> Any:
+        """Register a workflow (see :meth:`FluxEngine.register`)."""
+        return self.engine.register(flow)
+
+    def execute(self, flow: FlowLike, input: Any = None) -> FluxResult:
+        """Start a run and drive it (see :meth:`FluxEngine.execute`)."""
+        return self._call(self.engine.execute(flow, input))
+
+    def signal(self, flow: FlowLike, run_id: str, name: str, payload: Any = None) -> FluxResult:
+        """Signal a suspended run (see :meth:`FluxEngine.signal`)."""
+        return self._call(self.engine.signal(flow, run_id, name, payload))
+
+    def resume(
+        self, flow: FlowLike, run_id: str, from_step: int | str | None = None
+    ) -> FluxResult | None:
+        """Resume a run (see :meth:`FluxEngine.resume`)."""
+        return self._call(self.engine.resume(flow, run_id, from_step))
+
+    def retry_step(self, flow: FlowLike, run_id: str, step: str) -> FluxResult | None:
+        """Run again from a step (see :meth:`FluxEngine.retry_step`)."""
+        return self._call(self.engine.retry_step(flow, run_id, step))
+
+    def recover(self) -> list[FluxResult]:
+        """Finish interrupted runs (see :meth:`FluxEngine.recover`)."""
+        return self._call(self.engine.recover())
+
+    def get(self, run_id: str) -> WorkflowState | None:
+        """A run's stored state (see :meth:`FluxEngine.get`)."""
+        return self._call(self.engine.get(run_id))
+
+    def list(self, filter: WorkflowFilter | None = None) -> list[WorkflowState]:
+        """Stored runs, newest first (see :meth:`FluxEngine.list`)."""
+        return self._call(self.engine.list(filter))
+
+    def delete(self, run_id: str) -> bool:
+        """Delete a run (see :meth:`FluxEngine.delete`)."""
+        return self._call(self.engine.delete(run_id))
+
+    def close(self) -> None:
+        """Close the engine and stop the background loop."""
+        if getattr(self, "_closed", True):
+            return
+        try:
+            self._call(self.engine.close())
+        finally:
+            self._closed = True
+            self._stop()
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> SyncFluxEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+async def _make(options: dict[str, Any]) -> FluxEngine:
+    # Built on the background loop so that everything it creates belongs to that loop.
+    return FluxEngine(**options)

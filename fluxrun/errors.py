@@ -1,0 +1,201 @@
+"""Every error fluxrun raises, under one root.
+
+The tree::
+
+    FluxError
+    ├── DefinitionError                 a workflow definition is malformed
+    │   └── EmptyWorkflowError          ... it has no steps
+    ├── InvalidArgumentError            a public call got a bad argument (type, range, name)
+    ├── InvalidInputError               workflow input failed validation or cannot be stored
+    │   └── SerializationError          a value is not JSON-representable (input, data, payload)
+    ├── UnknownWorkflowError            no workflow registered under that name
+    ├── WorkflowNotFoundError           no run with that id
+    ├── WorkflowNameMismatchError       the run belongs to another workflow
+    ├── WorkflowDefinitionChangedError  steps added, removed, renamed or reordered since it started
+    ├── WorkflowNotSuspendedError       a signal was sent to a run that is not waiting
+    ├── SignalMismatchError             the run waits for another signal name
+    ├── StepNotFoundError               no step with that name
+    ├── InvalidStepIndexError           step index out of range
+    ├── InvalidStateError               the run's status does not allow the operation
+    ├── CommittedStepError              a completed commit step cannot run again
+    ├── StepTimeoutError                an attempt ran past its timeout
+    ├── NonRetryableError               raised by a step to skip its remaining attempts
+    ├── CompensationError               a compensation failed after its retries
+    ├── ConcurrentModificationError     a write was based on a stale version
+    │   ├── RunBusyError                another live executor owns the run
+    │   └── LeaseLostError              this executor no longer owns the run
+    └── StorageError                    the storage backend failed
+        └── SchemaVersionError          the database schema is newer than this fluxrun
+
+Every error carries structured attributes (``workflow_id``, ``workflow_name``, ``step``) so
+that callers need not parse messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CommittedStepError",
+    "CompensationError",
+    "ConcurrentModificationError",
+    "DefinitionError",
+    "EmptyWorkflowError",
+    "FluxError",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "InvalidStateError",
+    "InvalidStepIndexError",
+    "LeaseLostError",
+    "NonRetryableError",
+    "RunBusyError",
+    "SchemaVersionError",
+    "SerializationError",
+    "SignalMismatchError",
+    "StepNotFoundError",
+    "StepTimeoutError",
+    "StorageError",
+    "UnknownWorkflowError",
+    "WorkflowDefinitionChangedError",
+    "WorkflowNameMismatchError",
+    "WorkflowNotFoundError",
+    "WorkflowNotSuspendedError",
+]
+
+
+class FluxError(Exception):
+    """Root of every error fluxrun raises.
+
+    Attributes:
+        workflow_id: The run concerned, when there is one.
+        workflow_name: The workflow concerned, when there is one.
+        step: The step concerned, when there is one.
+        details: Extra structured context (validation errors, statuses, ...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        workflow_id: str | None = None,
+        workflow_name: str | None = None,
+        step: str | None = None,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.workflow_id = workflow_id
+        self.workflow_name = workflow_name
+        self.step = step
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes would be lost by the default pickling of exceptions.
+        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[FluxError], message: str, state: dict[str, Any]) -> FluxError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class DefinitionError(FluxError, ValueError):
+    """A workflow definition is malformed (duplicate step names, bad options, ...)."""
+
+
+class EmptyWorkflowError(DefinitionError):
+    """A workflow was built without any step."""
+
+
+class InvalidArgumentError(FluxError, ValueError):
+    """A public call received an argument of the wrong type or out of range."""
+
+
+class InvalidInputError(FluxError, ValueError):
+    """Workflow input failed validation; nothing was stored."""
+
+
+class SerializationError(InvalidInputError):
+    """A value cannot be stored as JSON (wrong type, NaN, NUL character, too deep, too big)."""
+
+
+class UnknownWorkflowError(FluxError, LookupError):
+    """No workflow is registered under the given name."""
+
+
+class WorkflowNotFoundError(FluxError, LookupError):
+    """No run exists with the given id."""
+
+
+class WorkflowNameMismatchError(FluxError):
+    """The run was started by a workflow with another name."""
+
+
+class WorkflowDefinitionChangedError(FluxError):
+    """The workflow's steps changed since the run started, so continuing it is unsafe."""
+
+
+class WorkflowNotSuspendedError(FluxError):
+    """A signal was sent to a run that is not suspended."""
+
+
+class SignalMismatchError(FluxError):
+    """The run is suspended waiting for a different signal."""
+
+
+class StepNotFoundError(FluxError, LookupError):
+    """No step with the given name exists in the workflow."""
+
+
+class InvalidStepIndexError(FluxError, IndexError):
+    """A step index is outside the workflow's steps."""
+
+
+class InvalidStateError(FluxError):
+    """The run's current status does not allow the requested operation."""
+
+
+class CommittedStepError(FluxError):
+    """A commit step that already completed cannot be executed again."""
+
+
+class StepTimeoutError(FluxError, TimeoutError):
+    """A step attempt exceeded its timeout."""
+
+
+class NonRetryableError(FluxError):
+    """Raise from a step to fail it at once, without its remaining attempts."""
+
+
+class CompensationError(FluxError):
+    """A compensation still failed after its retries; the rollback stopped there.
+
+    ``original_error`` holds the message of the step failure that started the rollback; the
+    compensation's own exception is ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, original_error: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.original_error = original_error
+
+
+class ConcurrentModificationError(FluxError):
+    """A write was based on a stale version of the run and was rejected."""
+
+
+class RunBusyError(ConcurrentModificationError):
+    """Another live executor owns the run (its lease has not expired)."""
+
+
+class LeaseLostError(ConcurrentModificationError):
+    """This executor's ownership of the run was taken over; its writes are fenced off."""
+
+
+class StorageError(FluxError):
+    """The storage backend failed; the message names the operation."""
+
+
+class SchemaVersionError(StorageError):
+    """The database was created by a newer fluxrun than this one."""

@@ -1,0 +1,205 @@
+"""In-process store: the reference model every other backend is tested against."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from ..errors import ConcurrentModificationError
+from ._base import (
+    KEEP,
+    RECOVERABLE_STATUSES,
+    Applied,
+    ListQuery,
+    RunRow,
+    Store,
+    Transition,
+    check_transition,
+)
+
+__all__ = ["MemoryStorage"]
+
+_UTC = dt.UTC
+
+
+class _Run:
+    """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
+
+    __slots__ = ("row", "seq", "steps")
+
+    def __init__(self, row: RunRow, seq: int) -> None:
+        self.row = row
+        self.seq = seq
+        self.steps: dict[int, object] = {}
+
+
+class MemoryStorage(Store):
+    """Keeps runs in a dict: fast, not durable, gone when the process ends.
+
+    It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
+    lock; values are stored as encoded JSON, so a run read back is independent of the objects
+    the steps still hold.
+
+    Args:
+        clock: Seconds since the epoch; injectable so tests can move time.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._clock = clock
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), _UTC)
+
+    def size(self) -> int:
+        """How many runs are stored."""
+        return len(self._runs)
+
+    async def init(self) -> None:
+        """Nothing to prepare."""
+
+    async def close(self) -> None:
+        """Nothing to release; the runs stay readable."""
+
+    async def create(self, run: RunRow, *, lease_owner: str | None, lease_seconds: float) -> None:
+        """Insert a new run."""
+        with self._lock:
+            if run.id in self._runs:
+                raise ConcurrentModificationError(
+                    f"a run with id {run.id!r} already exists", workflow_id=run.id
+                )
+            lease = None
+            if lease_owner is not None:
+                lease = self._now() + dt.timedelta(seconds=lease_seconds)
+            self._seq += 1
+            stored = _replace(
+                run,
+                owner=lease_owner,
+                lease_until=lease,
+                claims=1 if lease_owner else 0,
+                steps=(),
+            )
+            self._runs[run.id] = _Run(stored, self._seq)
+
+    async def apply(self, t: Transition) -> Applied:
+        """Apply one transition atomically."""
+        with self._lock:
+            entry = self._runs.get(t.run_id)
+            if entry is None:
+                raise ConcurrentModificationError(
+                    f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
+                )
+            row = entry.row
+            now = self._now()
+            check_transition(row, t, now)
+            steps = entry.steps
+            if t.insert_step is not None and t.insert_step.index in steps:
+                if t.delete_steps_from is None or (
+                    t.insert_step.index < t.delete_steps_from
+                    or t.insert_step.index in t.keep_steps
+                ):
+                    raise ConcurrentModificationError(
+                        f"step {t.insert_step.index} of run {t.run_id!r} is already recorded",
+                        workflow_id=t.run_id,
+                    )
+            if t.update_step is not None and t.update_step.index not in steps:
+                raise ConcurrentModificationError(
+                    f"step {t.update_step.index} of run {t.run_id!r} has no recorded outcome",
+                    workflow_id=t.run_id,
+                )
+            changes: dict[str, object] = {"version": row.version + 1, "updated_at": t.updated_at}
+            fence, owner, lease, claims = row.fence, row.owner, row.lease_until, row.claims
+            if t.claim is not None:
+                fence += 1
+                owner = t.claim.owner
+                lease = now + dt.timedelta(seconds=t.claim.lease_seconds)
+                claims += 1
+            elif t.renew_lease is not None:
+                lease = now + dt.timedelta(seconds=t.renew_lease)
+            if t.release:
+                owner, lease, claims = None, None, 0
+            changes.update(fence=fence, owner=owner, lease_until=lease, claims=claims)
+            for name in ("status", "current_step", "error", "completed_at", "wait_name"):
+                value = getattr(t, name)
+                if value is not KEEP:
+                    changes[name] = value
+            if t.delete_steps_from is not None:
+                for index in [i for i in steps if i >= t.delete_steps_from]:
+                    if index not in t.keep_steps:
+                        del steps[index]
+            if t.insert_step is not None:
+                steps[t.insert_step.index] = t.insert_step
+            if t.update_step is not None:
+                steps[t.update_step.index] = t.update_step
+            entry.row = _replace(row, **changes)
+            return Applied(version=row.version + 1, fence=fence)
+
+    async def load(self, run_id: str) -> RunRow | None:
+        """The run with its step rows, or None."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            return None if entry is None else self._snapshot(entry)
+
+    def _snapshot(self, entry: _Run) -> RunRow:
+        steps = tuple(entry.steps[i] for i in sorted(entry.steps))
+        return _replace(entry.row, steps=steps)
+
+    async def list(self, query: ListQuery) -> list[RunRow]:
+        """Runs matching ``query``, newest first."""
+        with self._lock:
+            statuses = None if query.statuses is None else {s.value for s in query.statuses}
+            found = [
+                e
+                for e in self._runs.values()
+                if (query.name is None or e.row.name == query.name)
+                and (statuses is None or e.row.status in statuses)
+            ]
+            found.sort(key=lambda e: (e.row.created_at, e.seq), reverse=True)
+            end = None if query.limit is None else query.offset + query.limit
+            return [self._snapshot(e) for e in found[query.offset : end]]
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete a run; False if it did not exist."""
+        with self._lock:
+            return self._runs.pop(run_id, None) is not None
+
+    async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
+        """Unfinished runs of these workflows that no live lease protects."""
+        with self._lock:
+            now = self._now()
+            wanted = set(names)
+            found = [
+                e
+                for e in self._runs.values()
+                if e.row.name in wanted
+                and e.row.status in RECOVERABLE_STATUSES
+                and (e.row.owner is None or e.row.lease_until is None or e.row.lease_until <= now)
+            ]
+            found.sort(key=lambda e: (e.row.created_at, e.seq))
+            return [e.row for e in found[:limit]]
+
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
+        """Extend ``owner``'s leases; return the runs it no longer owns."""
+        lost: set[str] = set()
+        with self._lock:
+            until = self._now() + dt.timedelta(seconds=lease_seconds)
+            for run_id, fence in fences.items():
+                entry = self._runs.get(run_id)
+                if entry is None or entry.row.fence != fence or entry.row.owner != owner:
+                    lost.add(run_id)
+                    continue
+                entry.row = _replace(entry.row, lease_until=until)
+        return lost
+
+
+def _replace(row: RunRow, **changes: object) -> RunRow:
+    # dataclasses.replace re-runs __init__ with every field; copying the slots is cheaper on
+    # the per-step path.
+    new = object.__new__(RunRow)
+    for name in RunRow.__slots__:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(row, name))
+    return new

@@ -1,0 +1,503 @@
+"""Embedded durable store on one SQLite file (WAL), the default for a single machine."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
+
+from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError
+from ..errors import StorageError as _StorageError
+from ._base import (
+    KEEP,
+    RECOVERABLE_STATUSES,
+    Applied,
+    ListQuery,
+    RunRow,
+    StepRow,
+    Store,
+    Transition,
+    transition_error,
+)
+from ._migrations import migrations
+
+__all__ = ["SQLiteStorage"]
+
+T = TypeVar("T")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICRO = dt.timedelta(microseconds=1)
+
+_RUN_COLUMNS = (
+    "id, name, definition_version, status, input, step_names, current_step, error, created_at, "
+    "updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name"
+)
+_STEP_COLUMNS = (
+    "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "
+    "duration_ms, output, error, retries, changes, compensation_changes, fence"
+)
+_INSERT_STEP = (
+    "INSERT INTO flux_steps (run_id, " + _STEP_COLUMNS + ") "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_STEP = (
+    "UPDATE flux_steps SET name = ?, status = ?, started_at = ?, completed_at = ?, "
+    "suspended_at = ?, compensated_at = ?, waiting_for = ?, duration_ms = ?, output = ?, "
+    "error = ?, retries = ?, changes = ?, compensation_changes = ?, fence = ? "
+    "WHERE run_id = ? AND idx = ?"
+)
+
+
+def to_micros(value: dt.datetime | None) -> int | None:
+    """A UTC datetime as integer microseconds since the epoch (exact, unlike a float)."""
+    return None if value is None else (value - _EPOCH) // _MICRO
+
+
+def from_micros(value: int | None) -> dt.datetime | None:
+    """Inverse of :func:`to_micros`."""
+    return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
+
+
+def _step_values(s: StepRow) -> tuple[Any, ...]:
+    return (
+        s.name,
+        s.status,
+        to_micros(s.started_at),
+        to_micros(s.completed_at),
+        to_micros(s.suspended_at),
+        to_micros(s.compensated_at),
+        s.waiting_for,
+        s.duration_ms,
+        s.output,
+        s.error,
+        s.retries,
+        s.changes,
+        s.compensation_changes,
+        s.fence,
+    )
+
+
+def _step_row(r: tuple[Any, ...]) -> StepRow:
+    return StepRow(
+        index=r[0],
+        name=r[1],
+        status=r[2],
+        started_at=from_micros(r[3]),
+        completed_at=from_micros(r[4]),
+        suspended_at=from_micros(r[5]),
+        compensated_at=from_micros(r[6]),
+        waiting_for=r[7],
+        duration_ms=r[8],
+        output=r[9],
+        error=r[10],
+        retries=r[11],
+        changes=r[12],
+        compensation_changes=r[13],
+        fence=r[14],
+    )
+
+
+def _run_row(r: tuple[Any, ...], steps: tuple[StepRow, ...] = ()) -> RunRow:
+    return RunRow(
+        id=r[0],
+        name=r[1],
+        definition_version=r[2],
+        status=r[3],
+        input=r[4],
+        step_names=tuple(json.loads(r[5])),
+        current_step=r[6],
+        error=r[7],
+        created_at=from_micros(r[8]),  # type: ignore[arg-type]
+        updated_at=from_micros(r[9]),  # type: ignore[arg-type]
+        completed_at=from_micros(r[10]),
+        version=r[11],
+        fence=r[12],
+        owner=r[13],
+        lease_until=from_micros(r[14]),
+        claims=r[15],
+        wait_name=r[16],
+        steps=steps,
+    )
+
+
+class SQLiteStorage(Store):
+    """Durable store in one SQLite file, in WAL mode; several processes may share the file.
+
+    Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a
+    compare-and-set on the run's version and fence. Calls run on one dedicated thread so
+    the event loop never waits on the disk.
+
+    Args:
+        path: The database file (created if missing), or ``":memory:"``.
+        synchronous: ``"FULL"`` (default) makes every commit durable on power loss;
+            ``"NORMAL"`` is faster and may lose the last commits on power loss (never on a
+            process crash) and is still consistent.
+        busy_timeout: Seconds to wait for another process's write lock.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidArgumentError(
+                f"SQLiteStorage path must be a str or path, got {type(path).__name__}"
+            )
+        if synchronous not in ("FULL", "NORMAL"):
+            raise InvalidArgumentError(
+                f"SQLiteStorage synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}"
+            )
+        self.path = os.fspath(path)
+        self._synchronous = synchronous
+        self._busy_ms = int(busy_timeout * 1000)
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise _StorageError(f"SQLiteStorage({self.path!r}) is closed")
+        if self._conn is None:
+            if self.path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(parent, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            self._conn = conn
+        return self._conn
+
+    def _locked(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        with self._lock:
+            conn = self._connect()
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _StorageError(f"SQLite {what} failed on {self.path!r}: {exc}") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="fluxrun-sqlite")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._locked, fn, what)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def init(self) -> None:
+        """Create the file and apply any missing migration (safe across processes)."""
+        await self._run(self._migrate, "migration")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE IF NOT EXISTS flux_schema (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM flux_schema").fetchone()
+        current = row[0] or 0
+        known = migrations("sqlite")
+        if current > len(known):
+            conn.execute("ROLLBACK")
+            raise SchemaVersionError(
+                f"{self.path!r} has schema version {current}; this fluxrun knows up to "
+                f"{len(known)}. Upgrade fluxrun."
+            )
+        for m in known[current:]:
+            for statement in m.statements:
+                conn.execute(statement)
+            conn.execute("DELETE FROM flux_schema")
+            conn.execute("INSERT INTO flux_schema (version) VALUES (?)", (m.version,))
+        conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Close the connection and the store's thread."""
+        def shut(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None
+            self._closed = True
+
+        if self._conn is not None and not self._closed:
+            await self._run(shut, "close")
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def create(self, run: RunRow, *, lease_owner: str | None, lease_seconds: float) -> None:
+        """Insert a new run."""
+
+        def insert(conn: sqlite3.Connection) -> None:
+            lease = None
+            if lease_owner is not None:
+                lease = self._now_us() + int(lease_seconds * 1_000_000)
+            try:
+                conn.execute(
+                    "INSERT INTO flux_runs (" + _RUN_COLUMNS + ") "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run.id,
+                        run.name,
+                        run.definition_version,
+                        run.status,
+                        run.input,
+                        json.dumps(list(run.step_names)),
+                        run.current_step,
+                        run.error,
+                        to_micros(run.created_at),
+                        to_micros(run.updated_at),
+                        to_micros(run.completed_at),
+                        run.version,
+                        run.fence,
+                        lease_owner,
+                        lease,
+                        1 if lease_owner else 0,
+                        run.wait_name,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ConcurrentModificationError(
+                    f"a run with id {run.id!r} already exists", workflow_id=run.id
+                ) from exc
+
+        await self._run(insert, "create")
+
+    async def apply(self, t: Transition) -> Applied:
+        """Apply one transition in one ``BEGIN IMMEDIATE`` transaction."""
+        return await self._run(lambda conn: self._apply(conn, t), "step commit")
+
+    def _apply(self, conn: sqlite3.Connection, t: Transition) -> Applied:
+        now = self._now_us()
+        sets = ["version = version + 1", "updated_at = ?"]
+        params: list[Any] = [to_micros(t.updated_at)]
+        where = ["id = ?", "version = ?"]
+        wparams: list[Any] = [t.run_id, t.expected_version]
+        if t.fence is not None:
+            where.append("fence = ?")
+            wparams.append(t.fence)
+        else:
+            where.append("(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)")
+            wparams.append(now)
+        if t.claim is not None:
+            sets += ["fence = fence + 1", "owner = ?", "lease_until = ?", "claims = claims + 1"]
+            params += [t.claim.owner, now + int(t.claim.lease_seconds * 1_000_000)]
+        elif t.renew_lease is not None:
+            sets.append("lease_until = ?")
+            params.append(now + int(t.renew_lease * 1_000_000))
+        if t.release:
+            sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
+        for column in ("status", "current_step", "error", "wait_name"):
+            value = getattr(t, column)
+            if value is not KEEP:
+                sets.append(f"{column} = ?")
+                params.append(value)
+        if t.completed_at is not KEEP:
+            sets.append("completed_at = ?")
+            params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
+            + " RETURNING version, fence",
+            params + wparams,
+        ).fetchone()
+        if row is None:
+            error = self._diagnose(conn, t, now)
+            conn.execute("ROLLBACK")
+            raise error
+        if t.delete_steps_from is not None:
+            keep = ",".join("?" * len(t.keep_steps))
+            conn.execute(
+                "DELETE FROM flux_steps WHERE run_id = ? AND idx >= ?"
+                + (f" AND idx NOT IN ({keep})" if keep else ""),
+                (t.run_id, t.delete_steps_from, *t.keep_steps),
+            )
+        if t.insert_step is not None:
+            s = t.insert_step
+            try:
+                conn.execute(_INSERT_STEP, (t.run_id, s.index, *_step_values(s)))
+            except sqlite3.IntegrityError as exc:
+                conn.execute("ROLLBACK")
+                raise ConcurrentModificationError(
+                    f"step {s.index} of run {t.run_id!r} is already recorded",
+                    workflow_id=t.run_id,
+                ) from exc
+        if t.update_step is not None:
+            s = t.update_step
+            cur = conn.execute(_UPDATE_STEP, (*_step_values(s), t.run_id, s.index))
+            if cur.rowcount != 1:
+                conn.execute("ROLLBACK")
+                raise ConcurrentModificationError(
+                    f"step {s.index} of run {t.run_id!r} has no recorded outcome",
+                    workflow_id=t.run_id,
+                )
+        conn.execute("COMMIT")
+        return Applied(version=row[0], fence=row[1])
+
+    def _diagnose(
+        self, conn: sqlite3.Connection, t: Transition, now: int
+    ) -> ConcurrentModificationError:
+        found = conn.execute(
+            "SELECT name, version, fence, owner, lease_until FROM flux_runs WHERE id = ?",
+            (t.run_id,),
+        ).fetchone()
+        if found is None:
+            return ConcurrentModificationError(
+                f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
+            )
+        error = transition_error(
+            t.run_id,
+            found[0],
+            found[1],
+            found[2],
+            found[3],
+            from_micros(found[4]),
+            t,
+            from_micros(now),  # type: ignore[arg-type]
+        )
+        return error or ConcurrentModificationError(
+            f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
+        )
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete a run and its step rows."""
+
+        def remove(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM flux_steps WHERE run_id = ?", (run_id,))
+            cur = conn.execute("DELETE FROM flux_runs WHERE id = ?", (run_id,))
+            conn.execute("COMMIT")
+            return cur.rowcount > 0
+
+        return await self._run(remove, "delete")
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _steps(self, conn: sqlite3.Connection, run_id: str) -> tuple[StepRow, ...]:
+        rows = conn.execute(
+            "SELECT " + _STEP_COLUMNS + " FROM flux_steps WHERE run_id = ? ORDER BY idx",
+            (run_id,),
+        ).fetchall()
+        return tuple(_step_row(r) for r in rows)
+
+    async def load(self, run_id: str) -> RunRow | None:
+        """The run with its step rows, read in one snapshot."""
+
+        def read(conn: sqlite3.Connection) -> RunRow | None:
+            conn.execute("BEGIN")
+            try:
+                r = conn.execute(
+                    "SELECT " + _RUN_COLUMNS + " FROM flux_runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                return None if r is None else _run_row(r, self._steps(conn, run_id))
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(read, "load")
+
+    async def list(self, query: ListQuery) -> list[RunRow]:
+        """Runs matching ``query``, newest first; filter values are always bound."""
+
+        def read(conn: sqlite3.Connection) -> list[RunRow]:
+            where: list[str] = []
+            params: list[Any] = []
+            if query.name is not None:
+                where.append("name = ?")
+                params.append(query.name)
+            if query.statuses is not None:
+                if not query.statuses:
+                    return []
+                where.append("status IN (" + ",".join("?" * len(query.statuses)) + ")")
+                params += [s.value for s in query.statuses]
+            sql = "SELECT " + _RUN_COLUMNS + " FROM flux_runs"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
+            params += [-1 if query.limit is None else query.limit, query.offset]
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(sql, params).fetchall()
+                return [_run_row(r, self._steps(conn, r[0])) for r in rows]
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(read, "list")
+
+    async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
+        """Unfinished runs of these workflows that no live lease protects."""
+
+        def read(conn: sqlite3.Connection) -> list[RunRow]:
+            if not names:
+                return []
+            sql = (
+                "SELECT " + _RUN_COLUMNS + " FROM flux_runs WHERE "
+                "name IN (" + ",".join("?" * len(names)) + ") AND "
+                "status IN (" + ",".join("?" * len(RECOVERABLE_STATUSES)) + ") AND "
+                "(owner IS NULL OR lease_until IS NULL OR lease_until <= ?) "
+                "ORDER BY created_at, rowid LIMIT ?"
+            )
+            rows = conn.execute(
+                sql, (*names, *RECOVERABLE_STATUSES, self._now_us(), limit)
+            ).fetchall()
+            return [_run_row(r) for r in rows]
+
+        return await self._run(read, "find_recoverable")
+
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
+        """Extend ``owner``'s leases in one transaction; return the runs it lost."""
+
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            until = self._now_us() + int(lease_seconds * 1_000_000)
+            lost: set[str] = set()
+            conn.execute("BEGIN IMMEDIATE")
+            for run_id, fence in fences.items():
+                cur = conn.execute(
+                    "UPDATE flux_runs SET lease_until = ? "
+                    "WHERE id = ? AND fence = ? AND owner = ?",
+                    (until, run_id, fence, owner),
+                )
+                if cur.rowcount != 1:
+                    lost.add(run_id)
+            conn.execute("COMMIT")
+            return lost
+
+        if not fences:
+            return set()
+        return self._locked(renew, "lease renewal")
+
+    def integrity_check(self) -> str:
+        """Run ``PRAGMA integrity_check`` and return its answer (``"ok"`` when healthy)."""
+        return self._locked(
+            lambda conn: str(conn.execute("PRAGMA integrity_check").fetchone()[0]),
+            "integrity check",
+        )
+
+    def __repr__(self) -> str:
+        return f"SQLiteStorage({self.path!r})"
