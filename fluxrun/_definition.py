@@ -232,11 +232,11 @@ def _make_step(
         raise DefinitionError(f"{where}: retry must be a RetryPolicy, got {retry!r}")
     return StepDefinition(
         name=step,
-        handler=handler,  # type: ignore[arg-type]
-        compensate=compensate,  # type: ignore[arg-type]
-        retries=retries,  # type: ignore[arg-type]
+        handler=handler,
+        compensate=compensate,
+        retries=retries,
         timeout=seconds_,
-        when=when,  # type: ignore[arg-type]
+        when=when,
         commit=commit,
         retry=retry,
     )

@@ -19,6 +19,7 @@ from ._lease import LeaseKeeper
 from ._records import FluxResult, StepStatus, WorkflowFilter, WorkflowState, WorkflowStatus
 from ._retry import RetryPolicy, seconds
 from ._runner import RunDriver, Settings, claim_for, utcnow
+from ._seed import SeedStorageAdapter, is_seed_storage
 from ._state import replay_data, to_state
 from ._trace import HOOK_NAMES, Emitter
 from .errors import (
@@ -39,10 +40,9 @@ from .errors import (
     WorkflowNotSuspendedError,
 )
 from .storage._base import Applied, ListQuery, RunRow, Store, Transition
-from ._seed import SeedStorageAdapter, is_seed_storage
 from .storage.memory import MemoryStorage
 
-__all__ = ["FluxEngine", "FlowLike"]
+__all__ = ["FlowLike", "FluxEngine"]
 
 FlowLike = WorkflowBuilder | WorkflowDefinition | str | Any
 """A builder, a ``Workflow``, a definition, or the name of a registered workflow."""
@@ -141,13 +141,19 @@ class FluxEngine:
                 f"default_retries must be an int >= 0, got {default_retries!r}"
             )
         if type(max_recoveries) is not int or max_recoveries < 1:
-            raise InvalidArgumentError(f"max_recoveries must be an int >= 1, got {max_recoveries!r}")
+            raise InvalidArgumentError(
+                f"max_recoveries must be an int >= 1, got {max_recoveries!r}"
+            )
         if type(max_value_size) is not int or max_value_size < 16:
-            raise InvalidArgumentError(f"max_value_size must be an int >= 16, got {max_value_size!r}")
+            raise InvalidArgumentError(
+                f"max_value_size must be an int >= 16, got {max_value_size!r}"
+            )
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise InvalidArgumentError(f"retry_policy must be a RetryPolicy, got {retry_policy!r}")
         try:
-            timeout = None if default_timeout is None else seconds(default_timeout, "default_timeout")
+            timeout = (
+                None if default_timeout is None else seconds(default_timeout, "default_timeout")
+            )
             lease_seconds = seconds(lease, "lease")
         except DefinitionError as exc:
             raise InvalidArgumentError(exc.message) from None
@@ -321,7 +327,9 @@ class FluxEngine:
             **kw,
         )
 
-    async def _drive(self, driver: RunDriver, start: int | None, rollback_from: int | None = None) -> FluxResult:
+    async def _drive(
+        self, driver: RunDriver, start: int | None, rollback_from: int | None = None
+    ) -> FluxResult:
         self._keeper.hold(driver.id, driver.fence)
         try:
             if rollback_from is not None:
@@ -524,7 +532,7 @@ class FluxEngine:
         definition = self._definition(flow)
         started = time.perf_counter()
         run_id = _text_arg(run_id, "run id")
-        if from_step is not None and not isinstance(from_step, str | int) or isinstance(
+        if (from_step is not None and not isinstance(from_step, str | int)) or isinstance(
             from_step, bool
         ):
             raise InvalidArgumentError(
@@ -754,7 +762,7 @@ class FluxEngine:
                 f"filter must be a WorkflowFilter, got {type(filter).__name__}"
             )
         await self._ensure_ready()
-        rows = await self._store.list(
+        rows = await self._store.list_runs(
             ListQuery(
                 name=filter.name,
                 statuses=filter.statuses,

@@ -34,9 +34,7 @@ class LeaseKeeper:
             self._held[run_id] = fence
             self._lost.discard(run_id)
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name="fluxrun-lease", daemon=True
-            )
+            self._thread = threading.Thread(target=self._loop, name="fluxrun-lease", daemon=True)
             self._thread.start()
 
     def drop(self, run_id: str) -> None:

@@ -209,9 +209,9 @@ class RunDriver:
         status: WorkflowStatus | Keep = KEEP,
         insert_step: StepRow | None = None,
         update_step: StepRow | None = None,
-        error: str | None | Keep = KEEP,
-        completed_at: dt.datetime | None | Keep = KEEP,
-        wait_name: str | None | Keep = KEEP,
+        error: str | Keep | None = KEEP,
+        completed_at: dt.datetime | Keep | None = KEEP,
+        wait_name: str | Keep | None = KEEP,
         release: bool = False,
     ) -> None:
         """Write one transition, fenced by this executor's claim."""
@@ -323,25 +323,26 @@ class RunDriver:
         if _is_async(fn):
             if timeout is None:
                 return await fn(ctx)
-            try:
-                async with asyncio.timeout(timeout):
-                    return await fn(ctx)
-            except TimeoutError as exc:
-                raise self._timeout_error(ctx, timeout) from exc
+            return await self._limited(fn(ctx), ctx, timeout)
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, ctx)
         future = loop.run_in_executor(self.settings.executor(), call)
-        try:
-            if timeout is None:
-                result = await future
-            else:
-                async with asyncio.timeout(timeout):
-                    result = await future
-        except TimeoutError as exc:
-            raise self._timeout_error(ctx, timeout) from exc
+        # A thread cannot be stopped: on timeout its late result is discarded (and _restore
+        # gives the run a fresh ctx.data, so its late writes land nowhere).
+        result = await (future if timeout is None else self._limited(future, ctx, timeout))
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _limited(self, awaitable: Any, ctx: WorkflowContext, timeout: float) -> Any:
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await awaitable
+        except TimeoutError as exc:
+            if scope.expired():
+                raise self._timeout_error(ctx, timeout) from exc
+            raise
 
     def _timeout_error(self, ctx: WorkflowContext, timeout: float) -> StepTimeoutError:
         return StepTimeoutError(
@@ -641,9 +642,7 @@ class RunDriver:
             await self.save(update_step=row)
         assert step.compensate is not None
         try:
-            _, changes, _, _ = await self._attempts(
-                index, step, step.compensate, compensating=True
-            )
+            _, changes, _, _ = await self._attempts(index, step, step.compensate, compensating=True)
         except _Failed as failed:
             return await self._compensation_failed(step, failed.error, message)
         done = replace(

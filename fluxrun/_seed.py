@@ -53,9 +53,7 @@ async def _maybe(value: Any) -> Any:
 
 
 def _row_from_state(state: WorkflowState) -> RunRow:
-    recorded = [
-        (i, h) for i, h in enumerate(state.history) if h.status != StepStatus.PENDING.value
-    ]
+    recorded = [(i, h) for i, h in enumerate(state.history) if h.status != StepStatus.PENDING.value]
     data_text = changes_text({k: encode(v) for k, v in state.data.items()}, ())
     steps = tuple(
         StepRow(
@@ -115,9 +113,7 @@ class SeedStorageAdapter(Store):
         try:
             return await _maybe(getattr(self.user, method)(*args))
         except Exception as exc:
-            raise StorageError(
-                f"{type(self.user).__name__}.{method} failed: {exc}"
-            ) from exc
+            raise StorageError(f"{type(self.user).__name__}.{method} failed: {exc}") from exc
 
     async def _write_through(self, run_id: str) -> None:
         row = await self._cache.load(run_id)
@@ -167,7 +163,7 @@ class SeedStorageAdapter(Store):
         """The run, from this process's cache or the user's storage."""
         return await self._cached(run_id)
 
-    async def list(self, query: ListQuery) -> list[RunRow]:
+    async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs from the user's storage."""
         states = await self._call(
             "list",
@@ -191,7 +187,7 @@ class SeedStorageAdapter(Store):
         """Unfinished runs, read from the user's storage."""
         found: list[RunRow] = []
         for name in names:
-            for row in await self.list(ListQuery(name=name)):
+            for row in await self.list_runs(ListQuery(name=name)):
                 if row.status in ("pending", "running", "rolling_back"):
                     cached = await self._cached(row.id)
                     if cached is not None:

@@ -101,7 +101,7 @@ class FluxTraceEvent:
 class FluxTraceSink(Protocol):
     """Anything with ``emit(event)``; ``emit`` may be a coroutine function."""
 
-    def emit(self, event: FluxTraceEvent) -> None | Awaitable[None]:
+    def emit(self, event: FluxTraceEvent) -> Awaitable[None] | None:
         """Receive one event."""
 
 

@@ -149,9 +149,9 @@ class Transition:
     claim: Claim | None = None
     status: str | Keep = KEEP
     current_step: int | Keep = KEEP
-    error: str | None | Keep = KEEP
-    completed_at: dt.datetime | None | Keep = KEEP
-    wait_name: str | None | Keep = KEEP
+    error: str | Keep | None = KEEP
+    completed_at: dt.datetime | Keep | None = KEEP
+    wait_name: str | Keep | None = KEEP
     insert_step: StepRow | None = None
     update_step: StepRow | None = None
     delete_steps_from: int | None = None
@@ -218,7 +218,7 @@ class Store(abc.ABC):
         """The run with its step rows, or None."""
 
     @abc.abstractmethod
-    async def list(self, query: ListQuery) -> list[RunRow]:
+    async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs matching ``query``, newest first by ``created_at`` (then insertion order)."""
 
     @abc.abstractmethod

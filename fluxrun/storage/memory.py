@@ -99,8 +99,7 @@ class MemoryStorage(Store):
             steps = entry.steps
             if t.insert_step is not None and t.insert_step.index in steps:
                 if t.delete_steps_from is None or (
-                    t.insert_step.index < t.delete_steps_from
-                    or t.insert_step.index in t.keep_steps
+                    t.insert_step.index < t.delete_steps_from or t.insert_step.index in t.keep_steps
                 ):
                     raise ConcurrentModificationError(
                         f"step {t.insert_step.index} of run {t.run_id!r} is already recorded",
@@ -148,7 +147,7 @@ class MemoryStorage(Store):
         steps = tuple(entry.steps[i] for i in sorted(entry.steps))
         return _replace(entry.row, steps=steps)
 
-    async def list(self, query: ListQuery) -> list[RunRow]:
+    async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs matching ``query``, newest first."""
         with self._lock:
             statuses = None if query.statuses is None else {s.value for s in query.statuses}

@@ -238,6 +238,7 @@ class SQLiteStorage(Store):
 
     async def close(self) -> None:
         """Close the connection and the store's thread."""
+
         def shut(conn: sqlite3.Connection) -> None:
             conn.close()
             self._conn = None
@@ -324,7 +325,10 @@ class SQLiteStorage(Store):
             params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute(
-            "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
+            "UPDATE flux_runs SET "
+            + ", ".join(sets)
+            + " WHERE "
+            + " AND ".join(where)
             + " RETURNING version, fence",
             params + wparams,
         ).fetchone()
@@ -422,7 +426,7 @@ class SQLiteStorage(Store):
 
         return await self._run(read, "load")
 
-    async def list(self, query: ListQuery) -> list[RunRow]:
+    async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs matching ``query``, newest first; filter values are always bound."""
 
         def read(conn: sqlite3.Connection) -> list[RunRow]:
@@ -479,8 +483,7 @@ class SQLiteStorage(Store):
             conn.execute("BEGIN IMMEDIATE")
             for run_id, fence in fences.items():
                 cur = conn.execute(
-                    "UPDATE flux_runs SET lease_until = ? "
-                    "WHERE id = ? AND fence = ? AND owner = ?",
+                    "UPDATE flux_runs SET lease_until = ? WHERE id = ? AND fence = ? AND owner = ?",
                     (until, run_id, fence, owner),
                 )
                 if cur.rowcount != 1:
