@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +20,7 @@ from ._records import FluxResult, StepStatus, WorkflowFilter, WorkflowState, Wor
 from ._retry import RetryPolicy, seconds
 from ._runner import RunDriver, Settings, claim_for, utcnow
 from ._seed import SeedStorageAdapter, is_seed_storage
-from ._state import replay_data, to_state
+from ._state import apply_changes, replay_data, to_state
 from ._trace import HOOK_NAMES, Emitter
 from .errors import (
     CommittedStepError,
@@ -449,7 +449,7 @@ class FluxEngine:
                 step=waiting.name,
                 details={"expected": waiting.waiting_for, "received": name},
             )
-        done = _replace_row(
+        done = replace(
             waiting, status=StepStatus.COMPLETED.value, completed_at=utcnow(), output=payload_text
         )
         try:
@@ -461,7 +461,7 @@ class FluxEngine:
                     claim=claim_for(self.settings),
                     status=WorkflowStatus.RUNNING.value,
                     wait_name=None,
-                    update_step=_replace_row(done, fence=row.fence + 1),
+                    update_step=replace(done, fence=row.fence + 1),
                 )
             )
         except ConcurrentModificationError:
@@ -476,7 +476,7 @@ class FluxEngine:
                 ) from None
             raise
         rows = {r.index: r for r in row.steps}
-        rows[done.index] = _replace_row(done, fence=applied.fence)
+        rows[done.index] = replace(done, fence=applied.fence)
         driver = self._driver_from(
             definition, row, applied, rows=rows, data=replay_data(rows.values())
         )
@@ -705,8 +705,6 @@ class FluxEngine:
                 data = replay_data(rows.values(), before=failed)
                 for i in sorted(rows, reverse=True):
                     if i < failed:
-                        from ._state import apply_changes
-
                         apply_changes(data, rows[i].compensation_changes)
                 driver = self._driver_from(definition, row, applied, rows=rows, data=data)
                 driver.started = started
@@ -795,12 +793,3 @@ def driver_error_text(driver: RunDriver) -> str:
         if row.status == StepStatus.FAILED.value:
             return row.error or "step failed"
     return "step failed"
-
-
-def _replace_row(row: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-
-    return replace(row, **changes)
-
-
-_ = (math, Sequence)
