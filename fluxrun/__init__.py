@@ -6,6 +6,8 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
+import logging
+
 from ._context import Flux, WaitMarker, WorkflowContext, wait
 from ._definition import (
     StepDefinition,
@@ -61,6 +63,9 @@ from .storage.sqlite import SQLiteStorage
 from .trace.jsonfile import JsonFileTraceSink
 
 __version__ = "0.1.0"
+
+# A library does not print by default: the application configures logging.
+logging.getLogger("fluxrun").addHandler(logging.NullHandler())
 
 
 __all__ = [

@@ -64,6 +64,12 @@ def _hooks(on: object) -> dict[str, Any]:
         items = dict(on)
     else:
         names = (*HOOK_NAMES, *_CAMEL_HOOKS)
+        if not any(hasattr(on, n) for n in names):
+            # A str, a number or a list here is a mistake, not "an object with no hooks".
+            raise InvalidArgumentError(
+                f"on must be a dict of hooks or an object with hook attributes "
+                f"({', '.join(HOOK_NAMES)}), got {type(on).__name__}"
+            )
         items = {n: getattr(on, n) for n in names if getattr(on, n, None) is not None}
     hooks: dict[str, Any] = {}
     for key, fn in items.items():
@@ -663,7 +669,15 @@ class FluxEngine:
 
             async def one(row: RunRow) -> FluxResult | None:
                 async with gate:
-                    return await self._recover_one(row)
+                    try:
+                        return await self._recover_one(row)
+                    except ConcurrentModificationError as exc:
+                        # Another executor took the run over (this one's lease lapsed) or
+                        # changed it: it is theirs now, and the rest of the batch goes on.
+                        self.emitter.log.warning(
+                            f"fluxrun: stopped recovering run {row.name}/{row.id}: {exc}"
+                        )
+                        return None
 
             for outcome in await asyncio.gather(*(one(r) for r in batch)):
                 if outcome is not None:
@@ -732,11 +746,12 @@ class FluxEngine:
         )
         driver.started = started
         driver.error = FluxError(message, workflow_id=row.id, workflow_name=row.name)
+        # save() writes current_step: keep where the run stopped (the driver starts at 0).
+        driver.current_step = row.current_step
         await driver.save(
             status=WorkflowStatus.FAILED, error=message, completed_at=utcnow(), release=True
         )
         self.emitter.log.error(f"fluxrun: {row.name}/{row.id}: {message}")
-        driver.current_step = row.current_step
         await driver.event(
             "workflow:error", status=WorkflowStatus.FAILED.value, error=message, duration_ms=0.0
         )

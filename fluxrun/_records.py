@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgumentError
+from ._codec import validate_text
+from .errors import InvalidArgumentError, SerializationError
 
 __all__ = [
     "FluxResult",
@@ -137,6 +139,13 @@ class WorkflowFilter:
             raise InvalidArgumentError(
                 f"WorkflowFilter.name must be a str, got {type(self.name).__name__}"
             )
+        if self.name:
+            # No run can have such a name, and not every database can even take it as a query
+            # parameter (SQLite cannot encode a lone surrogate): refuse it the same way on all.
+            try:
+                validate_text(self.name, "WorkflowFilter.name", max_length=sys.maxsize)
+            except SerializationError as exc:
+                raise InvalidArgumentError(exc.message) from None
         for label, value in (("limit", self.limit), ("offset", self.offset)):
             if value is None and label == "limit":
                 continue

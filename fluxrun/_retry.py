@@ -59,6 +59,8 @@ class RetryPolicy:
             raise DefinitionError(f"RetryPolicy.factor must be a number, got {self.factor!r}")
         if not math.isfinite(self.factor) or self.factor < 1:
             raise DefinitionError(f"RetryPolicy.factor must be >= 1, got {self.factor!r}")
+        if not isinstance(self.jitter, bool):
+            raise DefinitionError(f"RetryPolicy.jitter must be a bool, got {self.jitter!r}")
         for label in ("retry_on", "never_retry"):
             kinds = getattr(self, label)
             if isinstance(kinds, type):

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from ..errors import ConcurrentModificationError
+from ..errors import ConcurrentModificationError, InvalidArgumentError
 from ._base import (
     KEEP,
     RECOVERABLE_STATUSES,
@@ -47,6 +47,8 @@ class MemoryStorage(Store):
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        if not callable(clock):
+            raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._seq = 0

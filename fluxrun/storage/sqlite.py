@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -159,7 +160,23 @@ class SQLiteStorage(Store):
             raise InvalidArgumentError(
                 f"SQLiteStorage synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}"
             )
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, int | float)
+            or not math.isfinite(busy_timeout)
+            or busy_timeout < 0
+        ):
+            raise InvalidArgumentError(
+                f"SQLiteStorage busy_timeout must be a finite number of seconds >= 0, "
+                f"got {busy_timeout!r}"
+            )
+        if not callable(clock):
+            raise InvalidArgumentError(f"SQLiteStorage clock must be callable, got {clock!r}")
         self.path = os.fspath(path)
+        if "\x00" in str(self.path):
+            raise InvalidArgumentError(
+                f"SQLiteStorage path may not contain a NUL character, got {self.path!r}"
+            )
         self._synchronous = synchronous
         self._busy_ms = int(busy_timeout * 1000)
         self._clock = clock
@@ -193,7 +210,10 @@ class SQLiteStorage(Store):
 
     def _locked(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
         with self._lock:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except (sqlite3.Error, OSError) as exc:
+                raise _StorageError(f"SQLite cannot open {self.path!r}: {exc}") from exc
             try:
                 return fn(conn)
             except sqlite3.Error as exc:

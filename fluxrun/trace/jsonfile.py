@@ -47,11 +47,18 @@ class JsonFileTraceSink:
             raise InvalidArgumentError(
                 f"JsonFileTraceSink path must be a str or path, got {type(path).__name__}"
             )
+        if not isinstance(reset, bool):
+            raise InvalidArgumentError(f"JsonFileTraceSink reset must be a bool, got {reset!r}")
         self.path = os.fspath(path)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if reset else 0)
-        self._fd: int | None = os.open(self.path, flags, 0o644)
+        try:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            self._fd: int | None = os.open(self.path, flags, 0o644)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+            raise InvalidArgumentError(
+                f"JsonFileTraceSink cannot open {self.path!r} for writing: {exc}"
+            ) from exc
         self._lock = threading.Lock()
 
     def emit(self, event: FluxTraceEvent) -> None:

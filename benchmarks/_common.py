@@ -1,0 +1,173 @@
+"""Shared pieces: sizes, the benchmark workflows, timing, and the printed report."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fluxrun import WorkflowContext, WorkflowDefinition, create_workflow
+
+__all__ = [
+    "BIG_KEYS",
+    "BIG_VALUE_CHARS",
+    "Report",
+    "Sizes",
+    "best_time",
+    "big_data_workflow",
+    "noop_workflow",
+    "timed",
+    "timed_async",
+]
+
+STEPS = 10
+"""Steps of the benchmark workflow."""
+
+BIG_KEYS = 100
+BIG_VALUE_CHARS = 1000
+"""``ctx.data`` of the large-data case: BIG_KEYS keys of about BIG_VALUE_CHARS characters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each section does; ``quick`` is for smoke tests, not for figures."""
+
+    repeats: int
+    memory_workflows: int
+    sqlite_floor_commits: int
+    sqlite_workflows: int
+    big_workflows: int
+    pg_floor_inserts: int
+    pg_workflows: int
+    in_flight: int
+    in_flight_repeats: int
+
+    @classmethod
+    def default(cls) -> Sizes:
+        return cls(
+            repeats=5,
+            memory_workflows=2000,
+            sqlite_floor_commits=1000,
+            sqlite_workflows=100,
+            big_workflows=40,
+            pg_floor_inserts=500,
+            pg_workflows=50,
+            in_flight=200,
+            in_flight_repeats=3,
+        )
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            repeats=1,
+            memory_workflows=20,
+            sqlite_floor_commits=20,
+            sqlite_workflows=3,
+            big_workflows=2,
+            pg_floor_inserts=20,
+            pg_workflows=3,
+            in_flight=10,
+            in_flight_repeats=1,
+        )
+
+
+# -- the workflows ---------------------------------------------------------------------------
+
+
+async def _noop(ctx: WorkflowContext) -> None:
+    return None
+
+
+def noop_workflow(name: str = "bench-noop", steps: int = STEPS) -> WorkflowDefinition:
+    """``steps`` async steps that do nothing."""
+    builder = create_workflow(name)
+    for i in range(steps):
+        builder = builder.step(f"s{i}", _noop)
+    return builder.build()
+
+
+def _big_value(i: int, mark: str) -> str:
+    return f"{i:03d}:" + mark * (BIG_VALUE_CHARS - 4)
+
+
+async def _fill(ctx: WorkflowContext) -> None:
+    for i in range(BIG_KEYS):
+        ctx.data[f"k{i:03d}"] = _big_value(i, "a")
+
+
+def _changer(i: int) -> Callable[[WorkflowContext], Awaitable[None]]:
+    async def change(ctx: WorkflowContext) -> None:
+        ctx.data[f"k{i:03d}"] = _big_value(i, "b")
+
+    return change
+
+
+def big_data_workflow(name: str = "bench-big", changers: int = STEPS) -> WorkflowDefinition:
+    """A first step that fills ``ctx.data`` (~100 KB), then ``changers`` steps that each
+    change one key of it."""
+    builder = create_workflow(name).step("fill", _fill)
+    for i in range(changers):
+        builder = builder.step(f"c{i}", _changer(i))
+    return builder.build()
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes (after a garbage collection, so none is pending)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+async def timed_async(fn: Callable[[], Awaitable[Any]]) -> float:
+    """Seconds one await of ``fn()`` takes (after a garbage collection)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    await fn()
+    return time.perf_counter() - t0
+
+
+def best_time(samples: list[float]) -> float:
+    """The fastest sample: interference from other processes only ever adds time."""
+    return min(samples)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+class Report:
+    """Collects the printed lines, and the target verdicts for the summary."""
+
+    def __init__(self, out: Callable[[str], None] = print) -> None:
+        self._out = out
+        self.verdicts: list[tuple[str, str]] = []
+
+    def line(self, text: str = "") -> None:
+        self._out(text)
+
+    def section(self, title: str) -> None:
+        self._out("")
+        self._out(title)
+
+    def row(self, label: str, value: str, unit: str = "", note: str = "") -> None:
+        text = f"  {label:<34} {value:>12} {unit:<13}"
+        self._out((text + " " + note).rstrip())
+
+    def target(self, name: str, ok: bool, label: str, value: str, unit: str, note: str) -> None:
+        """A row checked against a target; remembered for the summary."""
+        result = verdict(ok)
+        self.verdicts.append((name, result))
+        self.row(label, value, unit, f"{note}  {result}")

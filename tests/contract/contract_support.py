@@ -1,0 +1,204 @@
+"""Shared helpers of the storage conformance suite: opening each backend, building rows,
+reading a database's schema from outside the store, and comparing rows across backends.
+
+Every helper works the same for the three backends, so a test written with them runs
+unchanged against MemoryStorage, SQLiteStorage and PostgresStorage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fluxrun._codec import decode
+from fluxrun.storage._base import RunRow, StepRow, Store
+from fluxrun.storage.memory import MemoryStorage
+from fluxrun.storage.sqlite import SQLiteStorage
+
+KINDS = ("memory", "sqlite", "postgres")
+
+#: A fixed instant with a non-zero microsecond part: every backend must keep microseconds.
+T0 = dt.datetime(2024, 5, 17, 8, 30, 0, 123456, tzinfo=dt.UTC)
+
+#: Long enough that no lease taken by a test expires while the test runs.
+LONG_LEASE = 3600.0
+
+
+def at(seconds: float) -> dt.datetime:
+    """``T0`` plus ``seconds``."""
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+async def open_store(kind: str, location: str | None) -> Store:
+    """A new, initialised store of ``kind`` (``location``: SQLite path or PostgreSQL DSN)."""
+    store: Store
+    if kind == "memory":
+        store = MemoryStorage()
+    elif kind == "sqlite":
+        assert location is not None
+        store = SQLiteStorage(location)
+    elif kind == "postgres":
+        assert location is not None
+        # Imported here so that the memory and SQLite runs do not depend on the module.
+        from fluxrun.storage.postgres import PostgresStorage
+
+        store = PostgresStorage(location)
+    else:
+        raise ValueError(kind)
+    await store.init()
+    return store
+
+
+def schema_of(kind: str, location: str | None) -> list[tuple[Any, ...]] | None:
+    """The database schema as rows, read through a connection of its own (None for memory).
+
+    SQLite: every ``sqlite_master`` row. PostgreSQL: every table of the database's own
+    schemas, every column of the ``flux_*`` tables and every index on them.
+    """
+    if kind == "memory":
+        return None
+    assert location is not None
+    if kind == "sqlite":
+        with sqlite3.connect(location) as conn:
+            rows = conn.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+            ).fetchall()
+        conn.close()
+        return [tuple(r) for r in rows]
+    import psycopg
+
+    with psycopg.connect(location, autocommit=True) as pg:
+        tables = pg.execute(
+            "SELECT 'table', table_schema, table_name, table_type "
+            "FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
+            "ORDER BY 2, 3"
+        ).fetchall()
+        columns = pg.execute(
+            "SELECT 'column', table_name, column_name, data_type, is_nullable, "
+            "column_default, ordinal_position "
+            "FROM information_schema.columns WHERE table_name LIKE 'flux\\_%' "
+            "ORDER BY table_name, ordinal_position"
+        ).fetchall()
+        indexes = pg.execute(
+            "SELECT 'index', tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE tablename LIKE 'flux\\_%' ORDER BY tablename, indexname"
+        ).fetchall()
+    return [tuple(r) for r in (*tables, *columns, *indexes)]
+
+
+def make_run(
+    run_id: str,
+    *,
+    name: str = "wf",
+    status: str = "pending",
+    created: float = 0.0,
+    input: str = "{}",
+    step_names: Sequence[str] = ("a", "b", "c"),
+    version: int = 1,
+    fence: int = 1,
+    **fields: Any,
+) -> RunRow:
+    """A run row as the engine builds it before :meth:`Store.create`."""
+    return RunRow(
+        id=run_id,
+        name=name,
+        status=status,
+        input=input,
+        step_names=tuple(step_names),
+        current_step=fields.pop("current_step", 0),
+        created_at=at(created),
+        updated_at=fields.pop("updated_at", at(created)),
+        version=version,
+        fence=fence,
+        **fields,
+    )
+
+
+def make_step(index: int, *, fence: int = 1, **fields: Any) -> StepRow:
+    """A recorded step outcome with every timestamp filled in."""
+    base: dict[str, Any] = {
+        "name": f"s{index}",
+        "status": "completed",
+        "started_at": at(10 + index),
+        "completed_at": at(10.5 + index),
+        "duration_ms": 500.25,
+        "output": None,
+        "retries": 0,
+        "changes": '{"set":{},"del":[]}',
+        "fence": fence,
+    }
+    base.update(fields)
+    return StepRow(index=index, **base)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A run row made comparable across backends (see :func:`seen`)."""
+
+    row: RunRow
+    has_lease: bool
+
+
+def seen(row: RunRow | None) -> Seen | None:
+    """``row`` with what legitimately differs between backends taken out.
+
+    ``lease_until`` is computed by each store from its own clock (Python's for memory and
+    SQLite, the database server's for PostgreSQL), so only whether a lease is set is
+    compared. JSON text columns are replaced by a canonical form of their value: PostgreSQL
+    may keep JSON as ``jsonb``, which re-spaces the text; the value is the contract, and
+    :func:`canonical_json` keeps everything about it the codec distinguishes (types, the
+    sign of zero) except the order of object keys, which ``test_values`` checks on its own.
+    """
+    if row is None:
+        return None
+    steps = tuple(
+        replace(
+            s,
+            output=canonical_json(s.output),
+            changes=canonical_json(s.changes),
+            compensation_changes=canonical_json(s.compensation_changes),
+        )
+        for s in row.steps
+    )
+    clean = replace(row, input=canonical_json(row.input), lease_until=None, steps=steps)
+    return Seen(row=clean, has_lease=row.lease_until is not None)
+
+
+def canonical_json(text: str | None) -> str | None:
+    """A text equal for two JSON texts exactly when they hold the same value (keys sorted)."""
+    if text is None:
+        return None
+    return repr(typed(json.loads(text), sort_keys=True))
+
+
+def typed(value: Any, *, sort_keys: bool = False) -> Any:
+    """``value`` with every leaf tagged by its type, so that ``1``, ``1.0`` and ``True`` stop
+    being equal and ``-0.0`` differs from ``0.0``; object keys keep their order unless
+    ``sort_keys``."""
+    if isinstance(value, dict):
+        items = [(k, typed(v, sort_keys=sort_keys)) for k, v in value.items()]
+        if sort_keys:
+            items.sort(key=lambda kv: kv[0])
+        return ("dict", tuple(items))
+    if isinstance(value, list):
+        return ("list", tuple(typed(v, sort_keys=sort_keys) for v in value))
+    if isinstance(value, tuple):
+        return ("tuple", tuple(typed(v, sort_keys=sort_keys) for v in value))
+    if isinstance(value, float):
+        return ("float", repr(value))
+    return (type(value).__name__, value)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality of decoded values that also checks types, key order and the sign of zero."""
+    return typed(a) == typed(b)
+
+
+def decoded(text: str | None) -> Any:
+    """The codec's reading of a stored JSON text."""
+    return None if text is None else decode(text)

@@ -1,0 +1,123 @@
+"""Workflows shared by ``test_recovery.py`` and its child program ``recovery_child.py``.
+
+Every step and compensation appends ``run_id,key,attempt`` to the effects file named in the
+run's input (``input["fx"]``) before it returns: an unguarded side effect that counts real
+executions, which survives a SIGKILL because ``os.write`` on an ``O_APPEND`` file is one
+system call into the page cache.
+
+The input also says where a step misbehaves:
+
+* ``crash``: ``{"at": key, "mode": "exit" | "kill", "once": marker path or None}``: the step
+  (or compensation) ``key`` ends its process with ``os._exit(1)`` or SIGKILL, every time or,
+  with ``once``, only the first time (the marker file remembers it across processes). Only a
+  child process (``FLUXRUN_E2E_CHILD=1``) ever crashes; in the test process the step fails
+  instead, so a mistake in a test can never kill pytest.
+* ``block``: ``{"at": key, "seconds": s}``: the step blocks the event loop with
+  ``time.sleep``, as CPU-bound or synchronous code inside an async handler would.
+* ``fail``: true makes the last step ``d`` raise, which rolls the run back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from fluxrun import WorkflowContext, create_workflow, wait
+
+__all__ = ["CHILD_ENV", "read_effects", "record", "saga", "waiter"]
+
+CHILD_ENV = "FLUXRUN_E2E_CHILD"
+
+
+def record(path: str, run_id: str, key: str, attempt: int) -> None:
+    """Append one side-effect line; it is in the file when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{run_id},{key},{attempt}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_effects(path: str) -> list[tuple[str, str, int]]:
+    """The side-effect lines of ``path`` as ``(run_id, key, attempt)``."""
+    if not os.path.exists(path):
+        return []
+    out: list[tuple[str, str, int]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            run_id, key, attempt = line.rstrip("\n").split(",")
+            out.append((run_id, key, int(attempt)))
+    return out
+
+
+def _misbehave(ctx: WorkflowContext, key: str) -> None:
+    plan: dict[str, Any] = ctx.input.get("block") or {}
+    if plan.get("at") == key:
+        time.sleep(float(plan["seconds"]))  # blocks the event loop on purpose
+    plan = ctx.input.get("crash") or {}
+    if plan.get("at") != key:
+        return
+    once = plan.get("once")
+    if once is not None:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return  # crashed here before; this time the step goes through
+    if os.environ.get(CHILD_ENV) != "1":
+        raise RuntimeError(f"step {key!r} would crash its process (only children may)")
+    if plan.get("mode") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _forward(key: str) -> Any:
+    async def handler(ctx: WorkflowContext) -> Any:
+        record(ctx.input["fx"], ctx.id, key, ctx.attempt)
+        _misbehave(ctx, key)
+        if key == "d" and ctx.input.get("fail"):
+            raise RuntimeError("d failed on purpose")
+        seen = sorted(ctx.data)  # the data replayed for this step, before it adds its own
+        ctx.data[key] = f"{key}-done"
+        return {"step": key, "seen": seen, "signals": dict(ctx.signals)}
+
+    handler.__name__ = f"step_{key}"
+    return handler
+
+
+def _undo(key: str) -> Any:
+    async def handler(ctx: WorkflowContext) -> None:
+        record(ctx.input["fx"], ctx.id, f"undo_{key}", ctx.attempt)
+        _misbehave(ctx, f"undo_{key}")
+        ctx.data[f"undo_{key}"] = True
+
+    handler.__name__ = f"undo_{key}"
+    return handler
+
+
+saga = (
+    create_workflow("rec-saga")
+    .step("a", _forward("a"), compensate=_undo("a"))
+    .step("b", _forward("b"), compensate=_undo("b"))
+    .step("c", _forward("c"), compensate=_undo("c"))
+    .step("d", _forward("d"))
+    .build()
+)
+"""Four steps; ``a``..``c`` have compensations; ``d`` fails when ``input["fail"]``."""
+
+
+async def _gate(ctx: WorkflowContext) -> Any:
+    record(ctx.input["fx"], ctx.id, "gate", ctx.attempt)
+    _misbehave(ctx, "gate")
+    return wait("go")
+
+
+waiter = (
+    create_workflow("rec-wait")
+    .step("a", _forward("a"))
+    .step("gate", _gate)
+    .step("c", _forward("c"))
+    .build()
+)
+"""Waits for the signal ``go`` at its second step."""
