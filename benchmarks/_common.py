@@ -13,13 +13,16 @@ from fluxrun import WorkflowContext, WorkflowDefinition, create_workflow
 __all__ = [
     "BIG_KEYS",
     "BIG_VALUE_CHARS",
+    "STEPS",
     "Report",
     "Sizes",
     "best_time",
     "big_data_workflow",
+    "fmt_rate",
     "noop_workflow",
     "timed",
     "timed_async",
+    "verdict",
 ]
 
 STEPS = 10

@@ -8,7 +8,8 @@ Everything fluxrun stores (inputs, ``ctx.data``, outputs, signal payloads) goes 
   dataclasses and pydantic models are written as tagged objects ``{"$flux": tag, ...}`` and
   come back with their types;
 * floats whose shortest form uses an exponent (``1e+16``) are tagged too, because
-  PostgreSQL's ``jsonb`` would hand them back as integers;
+  PostgreSQL's ``jsonb`` would hand them back as integers, and so is ``-0.0``, which
+  ``jsonb`` would hand back as ``0.0``;
 * ``NaN``/``inf``, ``\\u0000``, lone surrogates, non-string keys, nesting deeper than
   :data:`MAX_DEPTH`, values larger than the size limit and every other type are rejected
   with a :class:`~fluxrun.errors.SerializationError` that names the path of the bad value.
@@ -100,7 +101,7 @@ def _plain(v: Any, depth: int) -> Any:
         if not math.isfinite(v):
             raise _Reject(f"{v!r} is not allowed (NaN and infinities have no JSON form)")
         r = repr(v)
-        return {_TAG: "float", "v": r} if "e" in r else v
+        return {_TAG: "float", "v": r} if "e" in r or r == "-0.0" else v
     if depth >= MAX_DEPTH:
         raise _Reject(f"nesting deeper than {MAX_DEPTH} levels")
     if t is dict or (isinstance(v, dict) and not dataclasses.is_dataclass(v)):

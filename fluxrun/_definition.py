@@ -328,8 +328,13 @@ class WorkflowBuilder:
         timeout: float | dt.timedelta | None = None,
         when: Condition | None = None,
         retry: RetryPolicy | None = None,
+        compensate: None = None,
     ) -> WorkflowBuilder:
-        """Append a commit step: once completed it never runs again in the run."""
+        """Append a commit step: once completed it never runs again in the run.
+
+        A commit step cannot be undone, so passing ``compensate`` raises
+        :class:`DefinitionError`.
+        """
         self._steps.append(
             _make_step(
                 self._name,
@@ -339,7 +344,7 @@ class WorkflowBuilder:
                 retries=retries,
                 timeout=timeout,
                 when=when,
-                compensate=None,
+                compensate=compensate,
                 retry=retry,
             )
         )

@@ -233,7 +233,8 @@ class FluxEngine:
             await self.recover()
 
     async def _ensure_ready(self) -> None:
-        if not self._ready:
+        # A closed engine must refuse work even on a store (memory) that still answers.
+        if not self._ready or self._closed:
             await self.init()
 
     async def close(self) -> None:

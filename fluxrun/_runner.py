@@ -75,7 +75,12 @@ class _Failed(Exception):
 
 
 def _message(error: BaseException) -> str:
-    return str(error) or type(error).__name__
+    text = str(error) or type(error).__name__
+    if "\x00" in text or not text.isascii():
+        # The text is stored as the step's error: PostgreSQL refuses NUL in text, and no
+        # database can encode a lone surrogate; escape both, the same way on every backend.
+        text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @functools.cache
@@ -215,6 +220,10 @@ class RunDriver:
         release: bool = False,
     ) -> None:
         """Write one transition, fenced by this executor's claim."""
+        if status is self.status:
+            # Unchanged (a fenced write applies only to the run as this driver last saw it):
+            # writing it again would make the SQL stores rewrite their status indexes.
+            status = KEEP
         if self.keeper.lost(self.id):
             raise LeaseLostError(
                 f"run {self.id!r}: this executor's lease was taken over",
@@ -452,13 +461,14 @@ class RunDriver:
                 return None
         if emitter.has_hook("step_start"):
             await emitter.hook("step_start", step.name, self.context(index))
-        await self.event(
-            "step:start",
-            step_name=step.name,
-            step_index=index,
-            commit=step.commit,
-            status="running",
-        )
+        if emitter.wants_events:  # checked here too: this path runs for every step
+            await self.event(
+                "step:start",
+                step_name=step.name,
+                step_index=index,
+                commit=step.commit,
+                status="running",
+            )
         started = utcnow()
         t0 = time.perf_counter()
         try:
@@ -493,15 +503,16 @@ class RunDriver:
         )
         if emitter.has_hook("step_complete"):
             await emitter.hook("step_complete", step.name, ctx, entry(row))
-        await self.event(
-            "step:complete",
-            step_name=step.name,
-            step_index=index,
-            commit=step.commit,
-            retries=attempts - 1,
-            duration_ms=duration,
-            status=_COMPLETED,
-        )
+        if emitter.wants_events:
+            await self.event(
+                "step:complete",
+                step_name=step.name,
+                step_index=index,
+                commit=step.commit,
+                retries=attempts - 1,
+                duration_ms=duration,
+                status=_COMPLETED,
+            )
         await self.save(status=WorkflowStatus.RUNNING, insert_step=row)
         self._accept()
         return None

@@ -99,17 +99,26 @@ class MemoryStorage(Store):
             now = self._now()
             check_transition(row, t, now)
             steps = entry.steps
-            if t.insert_step is not None and t.insert_step.index in steps:
-                if t.delete_steps_from is None or (
-                    t.insert_step.index < t.delete_steps_from or t.insert_step.index in t.keep_steps
-                ):
-                    raise ConcurrentModificationError(
-                        f"step {t.insert_step.index} of run {t.run_id!r} is already recorded",
-                        workflow_id=t.run_id,
-                    )
-            if t.update_step is not None and t.update_step.index not in steps:
+
+            # The parts apply in order (delete, insert, update), as in the SQL stores: judge
+            # each against the rows the earlier parts leave.
+            def survives(index: int) -> bool:
+                return index in steps and (
+                    t.delete_steps_from is None
+                    or index < t.delete_steps_from
+                    or index in t.keep_steps
+                )
+
+            inserted = None if t.insert_step is None else t.insert_step.index
+            if inserted is not None and survives(inserted):
                 raise ConcurrentModificationError(
-                    f"step {t.update_step.index} of run {t.run_id!r} has no recorded outcome",
+                    f"step {inserted} of run {t.run_id!r} is already recorded",
+                    workflow_id=t.run_id,
+                )
+            updated = None if t.update_step is None else t.update_step.index
+            if updated is not None and updated != inserted and not survives(updated):
+                raise ConcurrentModificationError(
+                    f"step {updated} of run {t.run_id!r} has no recorded outcome",
                     workflow_id=t.run_id,
                 )
             changes: dict[str, object] = {"version": row.version + 1, "updated_at": t.updated_at}

@@ -60,27 +60,21 @@ _STEP_COLUMNS = (
     "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "
     "duration_ms, output::text, error, retries, changes::text, compensation_changes::text, fence"
 )
-_STEP_TARGET = (
-    "run_id, idx, name, status, started_at, completed_at, suspended_at, compensated_at, "
-    "waiting_for, duration_ms, output, error, retries, changes, compensation_changes, fence"
+# The columns a step row's content is written to (all but its key, run_id and idx).
+_STEP_FIELDS = (
+    "name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "
+    "duration_ms, output, error, retries, changes, compensation_changes, fence"
 )
 # Explicit types: in INSERT ... SELECT (used to make the insert conditional on the run's
 # compare-and-set) PostgreSQL cannot infer parameter types from the target columns.
-_STEP_VALUES = (
-    "%s::text, %s::integer, %s::text, %s::text, %s::timestamptz, %s::timestamptz, "
-    "%s::timestamptz, %s::timestamptz, %s::text, %s::double precision, %s::jsonb, %s::text, "
-    "%s::integer, %s::jsonb, %s::jsonb, %s::bigint"
+_STEP_FIELD_VALUES = (
+    "%s::text, %s::text, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::timestamptz, "
+    "%s::text, %s::double precision, %s::jsonb, %s::text, %s::integer, %s::jsonb, %s::jsonb, "
+    "%s::bigint"
 )
-_UPSERT_STEP = (
-    "INSERT INTO flux_steps (" + _STEP_TARGET + ") VALUES (" + _STEP_VALUES + ") "
-    "ON CONFLICT (run_id, idx) DO UPDATE SET name = EXCLUDED.name, status = EXCLUDED.status, "
-    "started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, "
-    "suspended_at = EXCLUDED.suspended_at, compensated_at = EXCLUDED.compensated_at, "
-    "waiting_for = EXCLUDED.waiting_for, duration_ms = EXCLUDED.duration_ms, "
-    "output = EXCLUDED.output, error = EXCLUDED.error, retries = EXCLUDED.retries, "
-    "changes = EXCLUDED.changes, compensation_changes = EXCLUDED.compensation_changes, "
-    "fence = EXCLUDED.fence"
-)
+_STEP_TARGET = "run_id, idx, " + _STEP_FIELDS
+_STEP_VALUES = "%s::text, %s::integer, " + _STEP_FIELD_VALUES
+_SET_STEP = "UPDATE flux_steps SET (" + _STEP_FIELDS + ") = (SELECT " + _STEP_FIELD_VALUES + ")"
 _INSERT_RUN = (
     "INSERT INTO flux_runs (id, name, definition_version, status, input, step_names, "
     "current_step, error, created_at, updated_at, completed_at, version, fence, owner, "
@@ -101,10 +95,8 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else value.astimezone(dt.UTC)
 
 
-def _step_values(run_id: str, s: StepRow) -> tuple[Any, ...]:
+def _step_fields(s: StepRow) -> tuple[Any, ...]:
     return (
-        run_id,
-        s.index,
         s.name,
         s.status,
         s.started_at,
@@ -120,6 +112,10 @@ def _step_values(run_id: str, s: StepRow) -> tuple[Any, ...]:
         s.compensation_changes,
         s.fence,
     )
+
+
+def _step_values(run_id: str, s: StepRow) -> tuple[Any, ...]:
+    return (run_id, s.index, *_step_fields(s))
 
 
 def _step_row(r: Sequence[Any]) -> StepRow:
@@ -467,20 +463,24 @@ class PostgresStorage(Store):
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition atomically (a compare-and-set on version and fence).
 
-        A transition that only updates the run and inserts a step is one statement; one that
-        also deletes or replaces step rows is one explicit transaction.
+        A transition that changes at most one step row (inserts or replaces it) is one
+        statement, so one round trip and one commit; one that deletes step rows, or inserts
+        one and replaces another, is one explicit transaction.
         """
         sets = ["version = version + 1", "updated_at = %s"]
         params: list[Any] = [t.updated_at]
+        # PostgreSQL refuses two assignments to one column, so a release (which clears the
+        # lease) replaces what a claim or renewal in the same transition would set.
         if t.claim is not None:
-            sets += ["fence = fence + 1", "owner = %s", "lease_until = " + _NEW_LEASE]
-            sets.append("claims = claims + 1")
+            sets.append("fence = fence + 1")
+        if t.release:
+            sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
+        elif t.claim is not None:
+            sets += ["owner = %s", "lease_until = " + _NEW_LEASE, "claims = claims + 1"]
             params += [t.claim.owner, float(t.claim.lease_seconds)]
         elif t.renew_lease is not None:
             sets.append("lease_until = " + _NEW_LEASE)
             params.append(float(t.renew_lease))
-        if t.release:
-            sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
         for column in ("status", "current_step", "error", "completed_at", "wait_name"):
             value = getattr(t, column)
             if value is not KEEP:
@@ -492,7 +492,7 @@ class PostgresStorage(Store):
         if t.fence is not None:
             params.append(t.fence)
         update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + where
-        simple = t.update_step is None and t.delete_steps_from is None
+        simple = t.delete_steps_from is None and (t.insert_step is None or t.update_step is None)
         async with self._connection("step commit") as conn:
             if simple:
                 return await self._apply_simple(conn, t, update, params)
@@ -502,22 +502,37 @@ class PostgresStorage(Store):
     async def _apply_simple(
         self, conn: psycopg.AsyncConnection[Any], t: Transition, update: str, params: list[Any]
     ) -> Applied:
+        """One statement: the run's compare-and-set, and the step row written only if it
+        applied (an autocommit statement is atomic, so a failing part undoes the rest)."""
         from psycopg import errors
 
-        if t.insert_step is None:
-            query = update + " RETURNING version, fence"
-        else:
-            # One statement: the step row is inserted only if the run's update applied, and a
-            # row already at that index makes the whole statement (the update too) fail.
+        if t.insert_step is not None:
+            # A row already at that index fails the whole statement with a unique violation.
             query = (
                 "WITH u AS (" + update + " RETURNING version, fence), "
-                "i AS (INSERT INTO flux_steps ("
-                + _STEP_TARGET
-                + ") SELECT "
-                + _STEP_VALUES
-                + " FROM u) SELECT version, fence FROM u"
+                "i AS (INSERT INTO flux_steps (" + _STEP_TARGET + ") "
+                "SELECT " + _STEP_VALUES + " FROM u) SELECT version, fence FROM u"
             )
             params = params + list(_step_values(t.run_id, t.insert_step))
+        elif t.update_step is not None:
+            # The run is updated only if the step row exists, so the row update always hits.
+            query = (
+                "WITH u AS (" + update + " AND EXISTS (SELECT 1 FROM flux_steps "
+                "WHERE run_id = %s AND idx = %s) RETURNING version, fence), "
+                "s AS (" + _SET_STEP + " FROM u WHERE run_id = %s AND idx = %s) "
+                "SELECT version, fence FROM u"
+            )
+            index = t.update_step.index
+            params = [
+                *params,
+                t.run_id,
+                index,
+                *_step_fields(t.update_step),
+                t.run_id,
+                index,
+            ]
+        else:
+            query = update + " RETURNING version, fence"
         try:
             rows = await _fetchall(conn, query, params)
         except errors.UniqueViolation as exc:
@@ -529,15 +544,11 @@ class PostgresStorage(Store):
     async def _apply_block(
         self, conn: psycopg.AsyncConnection[Any], t: Transition, update: str, params: list[Any]
     ) -> Applied:
+        """The parts in order (run, deletion, insertion, replacement), as in every store;
+        the caller's transaction block undoes them all if one fails."""
         from psycopg import errors
 
-        # The same order of checks as the reference model: compare-and-set, then whether a
-        # replaced step exists (before any deletion), deletion, insertion, replacement.
-        query = update + " RETURNING version, fence"
-        if t.update_step is not None:
-            query += ", EXISTS (SELECT 1 FROM flux_steps WHERE run_id = %s AND idx = %s)"
-            params = [*params, t.run_id, t.update_step.index]
-        rows = await _fetchall(conn, query, params)
+        rows = await _fetchall(conn, update + " RETURNING version, fence", params)
         if not rows:
             raise await self._diagnose(conn, t)
         if t.delete_steps_from is not None:
@@ -555,12 +566,14 @@ class PostgresStorage(Store):
             except errors.UniqueViolation as exc:
                 raise self._recorded(t) from exc
         if t.update_step is not None:
-            if not rows[0][2]:
-                raise ConcurrentModificationError(
-                    f"step {t.update_step.index} of run {t.run_id!r} has no recorded outcome",
-                    workflow_id=t.run_id,
-                )
-            await conn.execute(_UPSERT_STEP, _step_values(t.run_id, t.update_step))
+            index = t.update_step.index
+            changed = await _rowcount(
+                conn,
+                _SET_STEP + " WHERE run_id = %s AND idx = %s",
+                (*_step_fields(t.update_step), t.run_id, index),
+            )
+            if changed != 1:
+                raise self._unrecorded(t.run_id, index)
         return Applied(version=rows[0][0], fence=rows[0][1])
 
     @staticmethod
@@ -570,20 +583,32 @@ class PostgresStorage(Store):
             f"step {index} of run {t.run_id!r} is already recorded", workflow_id=t.run_id
         )
 
+    @staticmethod
+    def _unrecorded(run_id: str, index: int) -> ConcurrentModificationError:
+        return ConcurrentModificationError(
+            f"step {index} of run {run_id!r} has no recorded outcome", workflow_id=run_id
+        )
+
     async def _diagnose(
         self, conn: psycopg.AsyncConnection[Any], t: Transition
     ) -> ConcurrentModificationError:
+        """Why a compare-and-set matched no row: the same error the reference model raises."""
+        index = None if t.update_step is None else t.update_step.index
         rows = await _fetchall(
             conn,
-            "SELECT name, version, fence, owner, lease_until, now() FROM flux_runs WHERE id = %s",
-            (t.run_id,),
+            "SELECT name, version, fence, owner, lease_until, now(), "
+            "EXISTS (SELECT 1 FROM flux_steps WHERE run_id = %s AND idx = %s) "
+            "FROM flux_runs WHERE id = %s",
+            (t.run_id, index, t.run_id),
         )
         if not rows:
             return ConcurrentModificationError(
                 f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
             )
-        name, version, fence, owner, lease_until, now = rows[0]
+        name, version, fence, owner, lease_until, now, step_exists = rows[0]
         error = transition_error(t.run_id, name, version, fence, owner, lease_until, t, now)
+        if error is None and index is not None and not step_exists:
+            error = self._unrecorded(t.run_id, index)
         return error or ConcurrentModificationError(
             f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
         )

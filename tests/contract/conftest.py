@@ -9,35 +9,17 @@ outside the store).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from contract_support import open_store, schema_of
+from contract_support import Backend, open_store
 
 from fluxrun.storage._base import Store
-
-
-@dataclass(frozen=True)
-class Backend:
-    """The store a test got: its kind, the store, and its file or DSN."""
-
-    kind: str
-    store: Store
-    location: str | None
-
-    def schema(self) -> list[tuple[Any, ...]] | None:
-        """The schema as rows, read through a connection of its own (None for memory)."""
-        return schema_of(self.kind, self.location)
-
 
 _BACKEND = pytest.StashKey[Backend]()
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A new, initialised, empty store of each backend."""
     kind: str = request.param

@@ -137,6 +137,19 @@ def make_step(index: int, *, fence: int = 1, **fields: Any) -> StepRow:
 
 
 @dataclass(frozen=True)
+class Backend:
+    """The store a test got: its kind, the store, and its file or DSN."""
+
+    kind: str
+    store: Store
+    location: str | None
+
+    def schema(self) -> list[tuple[Any, ...]] | None:
+        """The schema as rows, read through a connection of its own (None for memory)."""
+        return schema_of(self.kind, self.location)
+
+
+@dataclass(frozen=True)
 class Seen:
     """A run row made comparable across backends (see :func:`seen`)."""
 
@@ -144,29 +157,38 @@ class Seen:
     has_lease: bool
 
 
+def norm(value: Any) -> Any:
+    """A run row, step row or tuple of step rows with its JSON text columns in canonical form.
+
+    A store hands JSON back as text holding the same value, not necessarily the same text:
+    PostgreSQL keeps JSON as ``jsonb`` and re-spaces it. :func:`canonical_json` keeps
+    everything about the value that the codec distinguishes (types, float bits, the sign of
+    zero) except the order of object keys, which ``test_values`` checks on its own.
+    """
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(norm(v) for v in value)
+    if isinstance(value, StepRow):
+        return replace(
+            value,
+            output=canonical_json(value.output),
+            changes=canonical_json(value.changes),
+            compensation_changes=canonical_json(value.compensation_changes),
+        )
+    assert isinstance(value, RunRow)
+    return replace(value, input=canonical_json(value.input), steps=norm(value.steps))
+
+
 def seen(row: RunRow | None) -> Seen | None:
-    """``row`` with what legitimately differs between backends taken out.
+    """``row`` as :func:`norm` gives it, and with only whether a lease is set.
 
     ``lease_until`` is computed by each store from its own clock (Python's for memory and
-    SQLite, the database server's for PostgreSQL), so only whether a lease is set is
-    compared. JSON text columns are replaced by a canonical form of their value: PostgreSQL
-    may keep JSON as ``jsonb``, which re-spaces the text; the value is the contract, and
-    :func:`canonical_json` keeps everything about it the codec distinguishes (types, the
-    sign of zero) except the order of object keys, which ``test_values`` checks on its own.
+    SQLite, the database server's for PostgreSQL), so its value cannot be compared.
     """
     if row is None:
         return None
-    steps = tuple(
-        replace(
-            s,
-            output=canonical_json(s.output),
-            changes=canonical_json(s.changes),
-            compensation_changes=canonical_json(s.compensation_changes),
-        )
-        for s in row.steps
-    )
-    clean = replace(row, input=canonical_json(row.input), lease_until=None, steps=steps)
-    return Seen(row=clean, has_lease=row.lease_until is not None)
+    return Seen(row=replace(norm(row), lease_until=None), has_lease=row.lease_until is not None)
 
 
 def canonical_json(text: str | None) -> str | None:

@@ -101,8 +101,9 @@ class Recorder:
     """Trace sink, hook set and store spy writing into one ordered ``log`` of short strings.
 
     Entries: ``"event <type>[ <step>]"``, ``"hook <name>[ <step>]"``, ``"save <run status>"``
-    (``=`` when a write leaves the status alone) followed by ``" <step>:<step status>"`` when
-    it writes a step row, and whatever the test adds with :meth:`note`.
+    (the run's status once the write applies, whether the write sets it or keeps it)
+    followed by ``" <step>:<step status>"`` when it writes a step row, and whatever the test
+    adds with :meth:`note`.
     """
 
     def __init__(self) -> None:
@@ -137,13 +138,20 @@ class Recorder:
     def watch(self, store: Store) -> Store:
         """Log every ``create`` / ``apply`` of ``store`` (patched on the instance)."""
         create, apply = store.create, store.apply
+        status: dict[str, str] = {}  # run id -> its status as last written
 
         async def spy_create(run: RunRow, **kw: Any) -> None:
+            status[run.id] = run.status
             self.log.append(f"save {run.status}")
             await create(run, **kw)
 
         async def spy_apply(t: Transition) -> Any:
-            text = "save " + ("=" if t.status is KEEP else str(t.status))
+            if t.status is not KEEP:
+                status[t.run_id] = str(t.status)
+            elif t.run_id not in status:  # a run created before watching began
+                row = await store.load(t.run_id)
+                status[t.run_id] = row.status if row is not None else "?"
+            text = f"save {status[t.run_id]}"
             row = t.insert_step or t.update_step
             if row is not None:
                 text += f" {row.name}:{row.status}"

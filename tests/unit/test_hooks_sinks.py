@@ -133,7 +133,7 @@ def failure_flow() -> Any:
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
     if request.param == "memory":
         return MemoryStorage
-    return lambda: SQLiteStorage(tmp_path / "flux.db")
+    return lambda: SQLiteStorage(tmp_path / "flux.db", synchronous="NORMAL")
 
 
 async def run(flow: Any, store: Any = None, **options: Any) -> tuple[FluxResult, Any]:
@@ -290,9 +290,7 @@ async def test_a_broken_logger_does_not_break_the_run_either() -> None:
             raise OSError("log disk full")
 
     on = {name: raising_hook(name, False) for name in HOOKS}
-    result, state = await run(
-        failure_flow(), logger=BrokenLogger(), on=on, trace=FailingSink()
-    )
+    result, state = await run(failure_flow(), logger=BrokenLogger(), on=on, trace=FailingSink())
     assert result.status is state.status is WorkflowStatus.ROLLED_BACK
 
 
@@ -440,7 +438,7 @@ async def test_json_sink_reset_true_truncates(tmp_path: Path) -> None:
     sink.close()
     lines = read_lines(path)
     assert all("old" not in line for line in lines)
-    assert [line["type"] for line in lines][0] == "workflow:start"
+    assert lines[0]["type"] == "workflow:start"
 
 
 async def test_json_sink_truncates_by_default(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""Section 4: the PostgreSQL store beside raw autocommit inserts on the same server."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fluxrun import FluxEngine
+
+from ._common import STEPS, Report, Sizes, best_time, fmt_rate, noop_workflow, timed, timed_async
+from ._sqlite import SEQUENTIAL_TARGET, _in_flight, _sequential
+
+__all__ = ["DSN_ENV", "run_postgres", "throwaway_server"]
+
+DSN_ENV = "FLUXRUN_BENCH_PG_DSN"
+_WARMUP = 10
+_TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
+
+
+@contextlib.contextmanager
+def throwaway_server(report: Report) -> Iterator[str | None]:
+    """Start tests/_pgserver.py's throwaway server; yield its DSN (None if it cannot start)."""
+    sys.path.insert(0, str(_TESTS_DIR))
+    try:
+        from _pgserver import PostgresServer, PostgresServerError
+    except ImportError as exc:
+        report.line(f"(--pg-start: cannot import tests/_pgserver.py: {exc})")
+        sys.path.remove(str(_TESTS_DIR))
+        yield None
+        return
+    sys.path.remove(str(_TESTS_DIR))
+    try:
+        server = PostgresServer.start()
+    except PostgresServerError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        report.line(f"(--pg-start: the throwaway PostgreSQL server did not start: {first})")
+        yield None
+        return
+    report.line(f"(--pg-start: throwaway server {server.dsn}, up in {server.startup_seconds:.1f}s)")
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+def _unavailable() -> str | None:
+    """Why the PostgreSQL section cannot run in this checkout, or None if it can."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install 'fluxrun[postgres]')"
+    from fluxrun import PostgresStorage
+    from fluxrun.storage import Store
+
+    if not (isinstance(PostgresStorage, type) and issubclass(PostgresStorage, Store)):
+        return "fluxrun.PostgresStorage is not implemented yet (still a placeholder)"
+    return None
+
+
+@contextlib.contextmanager
+def _scratch_database(dsn: str) -> Iterator[tuple[str, str]]:
+    """A new database on the server for the runs, dropped afterwards; or, without the
+    privilege to create one, the given database itself. Yields (dsn, description)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"fluxrun_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.errors.InsufficientPrivilege:
+        given = conninfo_to_dict(dsn).get("dbname", "?")
+        yield dsn, f"database {given!r} as given (no privilege to create a scratch one)"
+        return
+    try:
+        yield make_conninfo(dsn, dbname=name), f"scratch database {name!r}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _floor_batch(conn: Any, table: str, batch: int, inserts: int) -> None:
+    """One autocommit ``INSERT`` per step: one durable commit, one round trip."""
+    run_id = f"floor-{batch}"
+    for i in range(inserts):
+        conn.execute(
+            f"INSERT INTO {table} (run_id, idx, payload) VALUES (%s, %s, %s)",
+            (run_id, i, '{"set":{},"del":[]}'),
+        )
+
+
+async def run_postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
+    """Print section 4. Returns False if it failed (a skip is not a failure)."""
+    n, inserts, k = sizes.pg_workflows, sizes.pg_floor_inserts, sizes.in_flight
+    report.section(
+        f"4. PostgreSQL store: the same {STEPS}-step workflow (best of {sizes.repeats})"
+    )
+    if dsn is None:
+        report.line(
+            f"  skipped: no DSN given (--pg-dsn DSN, env {DSN_ENV}, or --pg-start for a "
+            "throwaway server)"
+        )
+        return True
+    reason = _unavailable()
+    if reason is not None:
+        report.line(f"  skipped: {reason}")
+        return True
+    import psycopg
+
+    from fluxrun import PostgresStorage
+
+    try:
+        with _scratch_database(dsn) as (bench_dsn, where):
+            report.line(f"  on {where}")
+            table = f"bench_floor_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(bench_dsn, autocommit=True) as floor:
+                floor.execute(
+                    f"CREATE TABLE {table} (run_id text NOT NULL, idx integer NOT NULL, "
+                    "payload text, PRIMARY KEY (run_id, idx))"
+                )
+                try:
+                    storage: Any = PostgresStorage(bench_dsn)
+                    async with FluxEngine(storage=storage) as engine:
+                        flow = noop_workflow()
+                        _floor_batch(floor, table, -1, min(inserts, 20))
+                        await _sequential(engine, flow, _WARMUP)
+                        floor_s: list[float] = []
+                        seq_s: list[float] = []
+                        for r in range(sizes.repeats):
+                            floor_s.append(
+                                timed(lambda r=r: _floor_batch(floor, table, r, inserts))
+                            )
+                            seq_s.append(await timed_async(lambda: _sequential(engine, flow, n)))
+                        flight_s = [
+                            await timed_async(lambda: _in_flight(engine, flow, k))
+                            for _ in range(sizes.in_flight_repeats)
+                        ]
+                finally:
+                    floor.execute(f"DROP TABLE IF EXISTS {table}")
+    except Exception as exc:
+        report.line(f"  ERROR: {type(exc).__name__}: {exc}")
+        report.verdicts.append(("postgres", "ERROR"))
+        return False
+
+    floor_rate = inserts / best_time(floor_s)
+    seq_wf = n / best_time(seq_s)
+    flight_wf = k / best_time(flight_s)
+    share = seq_wf * STEPS / floor_rate
+    report.row(
+        "floor: raw autocommit INSERT",
+        fmt_rate(floor_rate),
+        "steps/s",
+        f"({inserts:,} inserts per batch, {1e6 / floor_rate:.0f} µs each)",
+    )
+    report.row(
+        f"engine sequential ({n:,} runs per batch)",
+        fmt_rate(seq_wf),
+        "workflows/s",
+        f"{1e6 / (seq_wf * STEPS):.0f} µs/step",
+    )
+    report.target(
+        "postgres sequential",
+        share >= SEQUENTIAL_TARGET,
+        "engine sequential",
+        fmt_rate(seq_wf * STEPS),
+        "steps/s",
+        f"{share:.0%} of floor, target ≥ {SEQUENTIAL_TARGET:.0%}",
+    )
+    report.row(f"engine {k:,} in flight (gather)", fmt_rate(flight_wf), "workflows/s")
+    report.target(
+        "postgres in flight",
+        flight_wf > seq_wf,
+        f"engine {k:,} in flight (gather)",
+        fmt_rate(flight_wf * STEPS),
+        "steps/s",
+        f"{flight_wf / seq_wf:.1f}x sequential, target > 1x",
+    )
+    return True
