@@ -659,9 +659,12 @@ class FluxEngine:
         seen: set[str] = set()
         while True:
             names = sorted(self._registry)
+            # Runs seen already (left alone because their workflow changed, or finished)
+            # may come back first: widen the window so the ones behind them are reached.
+            window = 200 + len(seen)
             batch = [
                 r
-                for r in await self._store.find_recoverable(names, limit=200)
+                for r in await self._store.find_recoverable(names, limit=window)
                 if r.id not in seen and r.id not in self._keeper.holding()
             ]
             if not batch:
@@ -678,7 +681,13 @@ class FluxEngine:
                         self.emitter.log.warning(
                             f"fluxrun: stopped recovering run {row.name}/{row.id}: {exc}"
                         )
-                        return None
+                    except Exception as exc:
+                        # One run's failure (a storage error, say) must not abandon the
+                        # others half-way; it stays recoverable for the next call.
+                        self.emitter.log.error(
+                            f"fluxrun: could not recover run {row.name}/{row.id}", exc
+                        )
+                    return None
 
             for outcome in await asyncio.gather(*(one(r) for r in batch)):
                 if outcome is not None:

@@ -45,6 +45,7 @@ __all__ = ["RunDriver", "Settings", "utcnow"]
 
 _UTC = dt.UTC
 _COMPLETED = StepStatus.COMPLETED.value
+_PENDING = WorkflowStatus.PENDING
 
 
 def utcnow() -> dt.datetime:
@@ -187,7 +188,9 @@ class RunDriver:
             name=self.definition.name,
             input=self.input,
             data=self.data,
-            status=self.status,
+            # A run is saved as running with its first step's outcome; its steps see it
+            # running already.
+            status=WorkflowStatus.RUNNING if self.status is _PENDING else self.status,
             current_step=index,
             step=self.names[index],
             attempt=attempt,

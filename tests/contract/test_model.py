@@ -1,0 +1,378 @@
+"""Model-based test of the store protocol: SQLite and PostgreSQL against MemoryStorage.
+
+A Hypothesis state machine drives random sequences of store calls (create; apply with random
+transitions: status and column changes, step inserts, updates and deletes, claims by two
+logical owners, renewals, releases, stale versions and stale fences; load; list_runs with
+random filters; delete; find_recoverable; renew_leases) against the backend under test and
+against MemoryStorage, the reference model. Every call must have the same outcome on both
+(the same result, or the same exception type), and after every step both must list the
+same runs.
+
+Leases are an hour long, so every lease a run holds is live for the whole example and the
+two stores' clocks never matter; expiry is covered by ``test_store.py``. The store calls are
+async and the state machine is not: each machine runs them on an event loop of its own.
+
+Set ``FLUXRUN_MODEL_EXAMPLES`` to run more (and non-derandomized) examples, e.g. 2000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from contract_support import LONG_LEASE, T0, open_store, seen
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from fluxrun import StepStatus, WorkflowStatus
+from fluxrun._codec import encode
+from fluxrun._state import changes_text
+from fluxrun.storage._base import KEEP, Claim, ListQuery, RunRow, StepRow, Store, Transition
+from fluxrun.storage.memory import MemoryStorage
+
+T = TypeVar("T")
+
+_EXAMPLES_ENV = os.environ.get("FLUXRUN_MODEL_EXAMPLES")
+MODEL_SETTINGS = settings(
+    max_examples=int(_EXAMPLES_ENV or 50),
+    stateful_step_count=30,
+    deadline=None,
+    # Same examples on every run unless more are asked for explicitly.
+    derandomize=_EXAMPLES_ENV is None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+# Names and ids include LIKE wildcards, so a filter that matched by pattern would diverge.
+NAMES = ("alpha", "beta", "a%", "a_pha")
+IDS = ("r0", "r1", "r2", "r_", "r%")
+OWNERS = ("A", "B")
+WORKFLOW_STATUSES = tuple(WorkflowStatus)
+STEP_STATUSES = tuple(s.value for s in StepStatus)
+TEXTS = ("", "x", "'; DROP TABLE flux_runs;--", "%", "😀 שלום")
+
+JSON_TEXTS = tuple(
+    encode(v)
+    for v in (None, 0, -0.0, 1.5, 1e16, 2**70, "", "😀", [], {}, {"b": 1, "a": [True, None]})
+)
+CHANGES = tuple(
+    changes_text(sets, dels)
+    for sets, dels in (
+        ({}, []),
+        ({"k": encode(1)}, []),
+        ({"k": encode("v"), "big": encode(2**80)}, ["gone"]),
+        ({}, ["k"]),
+    )
+)
+
+
+def moments() -> st.SearchStrategy[dt.datetime]:
+    """Instants with microseconds, a few of them equal on purpose."""
+    return st.integers(min_value=0, max_value=5).map(
+        lambda n: T0 + dt.timedelta(seconds=n, microseconds=n * 7)
+    )
+
+
+def maybe(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
+    return st.none() | strategy
+
+
+def keep_or(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.just(KEEP) | strategy
+
+
+step_rows = st.builds(
+    StepRow,
+    index=st.integers(min_value=0, max_value=4),
+    name=st.sampled_from(("a", "b", "c", "d", "e")),
+    status=st.sampled_from(STEP_STATUSES),
+    started_at=maybe(moments()),
+    completed_at=maybe(moments()),
+    suspended_at=maybe(moments()),
+    compensated_at=maybe(moments()),
+    waiting_for=maybe(st.sampled_from(("approved", "%"))),
+    duration_ms=maybe(st.sampled_from((0.0, 1.5, 1234.5678, 1e-3))),
+    output=maybe(st.sampled_from(JSON_TEXTS)),
+    error=maybe(st.sampled_from(TEXTS)),
+    retries=st.integers(min_value=0, max_value=3),
+    changes=maybe(st.sampled_from(CHANGES)),
+    compensation_changes=maybe(st.sampled_from(CHANGES)),
+    fence=st.integers(min_value=0, max_value=5),
+)
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Runs every call on the reference and on the subject, and compares."""
+
+    def __init__(self, make_subject: Callable[[], Awaitable[Store]]) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.oracle: Store = MemoryStorage()
+        self.subject: Store | None = None
+        self.subject = self.run(make_subject())
+        self.ticks = itertools.count(1)
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+    def teardown(self) -> None:
+        try:
+            if self.subject is not None:
+                self.run(self.subject.close())
+        finally:
+            self.loop.close()
+
+    def tick(self) -> dt.datetime:
+        """A fresh updated_at for each transition (the caller's clock, not the store's)."""
+        return T0 + dt.timedelta(seconds=100, microseconds=next(self.ticks))
+
+    def outcome(self, store: Store, call: Callable[[Store], Awaitable[Any]]) -> Any:
+        try:
+            return ("ok", self.run(call(store)))
+        except Exception as exc:
+            # Only the type is the contract; messages are each backend's own.
+            return ("raised", type(exc).__name__, str(exc))
+
+    def both(
+        self, what: str, call: Callable[[Store], Awaitable[Any]], view: Callable[[Any], Any]
+    ) -> None:
+        assert self.subject is not None
+        want = self.outcome(self.oracle, call)
+        got = self.outcome(self.subject, call)
+
+        def comparable(result: Any) -> Any:
+            return ("ok", view(result[1])) if result[0] == "ok" else result[:2]
+
+        assert comparable(got) == comparable(want), f"{what}\n  memory:  {want}\n  subject: {got}"
+
+    def current(self, run_id: str) -> RunRow | None:
+        return self.run(self.oracle.load(run_id))
+
+    # -- rules --------------------------------------------------------------------------------
+
+    @rule(
+        run_id=st.sampled_from(IDS),
+        name=st.sampled_from(NAMES),
+        status=st.sampled_from(WORKFLOW_STATUSES),
+        created=moments(),
+        owner=maybe(st.sampled_from(OWNERS)),
+        version=st.sampled_from((1, 2, 7)),
+        fence=st.sampled_from((0, 1, 5)),
+        step_names=st.sampled_from((("a", "b", "c"), ("😀", "%"), ())),
+        input=st.sampled_from(JSON_TEXTS),
+        extra=st.fixed_dictionaries(
+            {
+                "definition_version": maybe(st.sampled_from(("v1", "%"))),
+                "error": maybe(st.sampled_from(TEXTS)),
+                "wait_name": maybe(st.sampled_from(("approved", "_"))),
+                "completed_at": maybe(moments()),
+                "current_step": st.integers(min_value=0, max_value=3),
+            }
+        ),
+    )
+    def create(
+        self,
+        run_id: str,
+        name: str,
+        status: WorkflowStatus,
+        created: dt.datetime,
+        owner: str | None,
+        version: int,
+        fence: int,
+        step_names: tuple[str, ...],
+        input: str,
+        extra: dict[str, Any],
+    ) -> None:
+        row = RunRow(
+            id=run_id,
+            name=name,
+            status=status.value,
+            input=input,
+            step_names=step_names,
+            created_at=created,
+            updated_at=created,
+            version=version,
+            fence=fence,
+            **extra,
+        )
+        self.both(
+            f"create {row}",
+            lambda s: s.create(row, lease_owner=owner, lease_seconds=LONG_LEASE),
+            lambda r: r,
+        )
+
+    def pick_id(self, data: st.DataObject) -> str:
+        """Mostly a run that exists (so that calls get past "no such run"), else any id."""
+        existing = [r.id for r in self.run(self.oracle.list_runs(ListQuery()))]
+        if existing and data.draw(st.integers(0, 9), label="existing?") > 0:
+            return data.draw(st.sampled_from(sorted(existing)), label="run_id")
+        return data.draw(st.sampled_from(IDS), label="run_id")
+
+    def pick_step(self, data: st.DataObject, indexes: list[int], what: str) -> StepRow:
+        """A step row, mostly at one of ``indexes`` (where the write can apply)."""
+        step = data.draw(step_rows, label=what)
+        if indexes and data.draw(st.integers(0, 3), label=f"{what} fits?") > 0:
+            step = replace(step, index=data.draw(st.sampled_from(indexes), label=f"{what} index"))
+        return step
+
+    @rule(data=st.data())
+    def apply(self, data: st.DataObject) -> None:
+        run_id = self.pick_id(data)
+        row = self.current(run_id)
+        version = row.version if row is not None else 1
+        fence = row.fence if row is not None else 1
+        expected = data.draw(
+            st.sampled_from((version,) * 5 + (version - 1, version + 1)), label="expected_version"
+        )
+        # Mostly what a well-behaved writer would do in this state, sometimes not.
+        if row is not None and row.owner is not None:
+            modes = ("fenced",) * 5 + ("stale fence", "unowned", "claim", "fenced claim")
+        else:
+            modes = ("unowned",) * 3 + ("claim",) * 3 + ("fenced", "stale fence", "fenced claim")
+        mode = data.draw(st.sampled_from(modes), label="mode")
+        claim = None
+        if mode in ("claim", "fenced claim"):
+            claim = Claim(data.draw(st.sampled_from(OWNERS), label="owner"), LONG_LEASE)
+        given_fence = {"fenced": fence, "stale fence": fence - 1, "fenced claim": fence}.get(mode)
+        present = sorted({s.index for s in row.steps}) if row is not None else []
+        absent = [i for i in range(5) if i not in present]
+        insert = update = None
+        if data.draw(st.booleans(), label="insert?"):
+            insert = self.pick_step(data, absent, "insert_step")
+        if data.draw(st.integers(0, 2), label="update?") == 0:
+            update = self.pick_step(data, present, "update_step")
+        delete_from = None
+        keep: tuple[int, ...] = ()
+        if data.draw(st.integers(0, 3), label="delete?") == 0:
+            delete_from = data.draw(st.integers(min_value=0, max_value=4), label="delete_from")
+            kept = data.draw(st.sets(st.integers(min_value=0, max_value=4)), label="keep")
+            keep = tuple(sorted(kept))
+        t = Transition(
+            run_id=run_id,
+            expected_version=expected,
+            updated_at=self.tick(),
+            fence=given_fence,
+            claim=claim,
+            status=data.draw(keep_or(st.sampled_from(WORKFLOW_STATUSES).map(str)), label="status"),
+            current_step=data.draw(keep_or(st.integers(0, 4)), label="current_step"),
+            error=data.draw(keep_or(maybe(st.sampled_from(TEXTS))), label="error"),
+            completed_at=data.draw(keep_or(maybe(moments())), label="completed_at"),
+            wait_name=data.draw(keep_or(maybe(st.sampled_from(("approved", "_")))), label="wait"),
+            insert_step=insert,
+            update_step=update,
+            delete_steps_from=delete_from,
+            keep_steps=keep,
+            renew_lease=data.draw(st.sampled_from((None, None, LONG_LEASE)), label="renew"),
+            release=data.draw(st.sampled_from((False, False, False, True)), label="release"),
+        )
+        self.both(f"apply {t}", lambda s: s.apply(t), lambda applied: applied)
+
+    @rule(data=st.data())
+    def load(self, data: st.DataObject) -> None:
+        run_id = self.pick_id(data)
+        self.both(f"load {run_id!r}", lambda s: s.load(run_id), seen)
+
+    @rule(
+        name=maybe(st.sampled_from((*NAMES, "a", "%", "_", "ALPHA"))),
+        statuses=maybe(st.lists(st.sampled_from(WORKFLOW_STATUSES), unique=True, max_size=4)),
+        limit=maybe(st.integers(min_value=0, max_value=6)),
+        offset=st.integers(min_value=0, max_value=6),
+    )
+    def list_runs(
+        self,
+        name: str | None,
+        statuses: list[WorkflowStatus] | None,
+        limit: int | None,
+        offset: int,
+    ) -> None:
+        query = ListQuery(
+            name=name,
+            statuses=None if statuses is None else tuple(statuses),
+            limit=limit,
+            offset=offset,
+        )
+        self.both(f"list_runs {query}", lambda s: s.list_runs(query), lambda rows: _all(rows))
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        run_id = self.pick_id(data)
+        self.both(f"delete {run_id!r}", lambda s: s.delete(run_id), lambda r: r)
+
+    @rule(
+        names=st.lists(st.sampled_from((*NAMES, "%")), unique=True, max_size=3),
+        limit=st.integers(min_value=0, max_value=6),
+    )
+    def find_recoverable(self, names: list[str], limit: int) -> None:
+        self.both(
+            f"find_recoverable {names} {limit}",
+            lambda s: s.find_recoverable(names, limit),
+            lambda rows: _all(rows),
+        )
+
+    @rule(
+        owner=st.sampled_from(OWNERS),
+        fences=st.dictionaries(
+            st.sampled_from(IDS), st.integers(min_value=0, max_value=5), max_size=3
+        ),
+    )
+    def renew_leases(self, owner: str, fences: dict[str, int]) -> None:
+        # Called from a thread of its own, as the engine's lease keeper does.
+        self.both(
+            f"renew_leases {owner} {fences}",
+            lambda s: asyncio.to_thread(s.renew_leases, owner, fences, LONG_LEASE),
+            lambda lost: lost,
+        )
+
+    @invariant()
+    def same_runs(self) -> None:
+        self.both("list everything", lambda s: s.list_runs(ListQuery()), lambda rows: _all(rows))
+
+
+def _all(rows: list[RunRow]) -> list[Any]:
+    return [seen(r) for r in rows]
+
+
+def run_model(make_subject: Callable[[], Awaitable[Store]]) -> None:
+    run_state_machine_as_test(lambda: StoreModel(make_subject), settings=MODEL_SETTINGS)
+
+
+def test_sqlite_matches_the_model(tmp_path: Path) -> None:
+    files: Iterator[int] = itertools.count()
+
+    async def fresh() -> Store:
+        # A new database file per example.
+        return await open_store("sqlite", str(tmp_path / f"model-{next(files)}.db"))
+
+    run_model(fresh)
+
+
+@pytest.mark.postgres
+def test_postgres_matches_the_model(fresh_pg_dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(fresh_pg_dsn, autocommit=True) as admin:
+
+        async def fresh() -> Store:
+            store = await open_store("postgres", fresh_pg_dsn)
+            # One database per test, emptied at the start of each example.
+            tables = [
+                r[0]
+                for r in admin.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND tablename LIKE 'flux\\_%' AND tablename <> 'flux_schema'"
+                ).fetchall()
+            ]
+            assert "flux_runs" in tables and "flux_steps" in tables
+            quoted = ", ".join(f'"{t}"' for t in sorted(tables))
+            admin.execute(f"TRUNCATE {quoted} RESTART IDENTITY")
+            return store
+
+        run_model(fresh)
