@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import sqlite3
@@ -21,7 +20,7 @@ import fluxrun
 
 from ._common import Report, Sizes
 from ._memory import run_memory
-from ._postgres import DSN_ENV, run_postgres, throwaway_server
+from ._postgres import DSN_ENV, run_postgres
 from ._profile import run_profile
 from ._sqlite import run_sqlite
 
@@ -109,11 +108,7 @@ async def _run(args: argparse.Namespace, report: Report) -> int:
     if "sqlite" in wanted or "big" in wanted:
         await run_sqlite(report, sizes, section2="sqlite" in wanted, big="big" in wanted)
     if "postgres" in wanted:
-        with contextlib.ExitStack() as stack:
-            dsn = args.pg_dsn
-            if args.pg_start and dsn is None:
-                dsn = stack.enter_context(throwaway_server(report))
-            ok = await run_postgres(report, sizes, dsn)
+        ok = await run_postgres(report, sizes, args.pg_dsn, start=args.pg_start)
     if args.profile:
         await run_profile(report, 200 if args.quick else 2000)
     report.section(_summary(report, time.perf_counter() - began))

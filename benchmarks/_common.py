@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fluxrun import WorkflowContext, WorkflowDefinition, create_workflow
+from fluxrun import (
+    FluxEngine,
+    WorkflowContext,
+    WorkflowDefinition,
+    WorkflowStatus,
+    create_workflow,
+)
 
 __all__ = [
     "BIG_KEYS",
@@ -20,6 +27,8 @@ __all__ = [
     "big_data_workflow",
     "fmt_rate",
     "noop_workflow",
+    "run_in_flight",
+    "run_sequential",
     "timed",
     "timed_async",
     "verdict",
@@ -50,7 +59,7 @@ class Sizes:
     @classmethod
     def default(cls) -> Sizes:
         return cls(
-            repeats=5,
+            repeats=7,
             memory_workflows=2000,
             sqlite_floor_commits=1000,
             sqlite_workflows=100,
@@ -116,6 +125,28 @@ def big_data_workflow(name: str = "bench-big", changers: int = STEPS) -> Workflo
     return builder.build()
 
 
+# -- running them ----------------------------------------------------------------------------
+
+
+async def run_sequential(engine: FluxEngine, flow: WorkflowDefinition, n: int) -> None:
+    """``n`` runs of ``flow``, one after another."""
+    for _ in range(n):
+        result = await engine.execute(flow)
+        _check(result.status, result.error)
+
+
+async def run_in_flight(engine: FluxEngine, flow: WorkflowDefinition, n: int) -> None:
+    """``n`` runs of ``flow``, all started at once."""
+    results = await asyncio.gather(*(engine.execute(flow) for _ in range(n)))
+    for result in results:
+        _check(result.status, result.error)
+
+
+def _check(status: WorkflowStatus, error: BaseException | None) -> None:
+    if status is not WorkflowStatus.COMPLETED:
+        raise RuntimeError(f"a benchmark run ended {status.value}: {error!r}")
+
+
 # -- timing ----------------------------------------------------------------------------------
 
 
@@ -166,7 +197,7 @@ class Report:
         self._out(title)
 
     def row(self, label: str, value: str, unit: str = "", note: str = "") -> None:
-        text = f"  {label:<34} {value:>12} {unit:<13}"
+        text = f"  {label:<42} {value:>10} {unit:<12}"
         self._out((text + " " + note).rstrip())
 
     def target(self, name: str, ok: bool, label: str, value: str, unit: str, note: str) -> None:

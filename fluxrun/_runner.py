@@ -84,11 +84,33 @@ def _message(error: BaseException) -> str:
     return text
 
 
+_Print = str | tuple[str] | None
+"""A value's fingerprint (see :func:`_fingerprint`)."""
+
+
+def _fingerprint(value: Any) -> _Print:
+    """What tells whether a ``ctx.data`` value changed; None means "treat it as changed".
+
+    A str is immutable, so it is its own fingerprint: comparing it is far cheaper than
+    encoding it. It is wrapped in a tuple so that it never equals the JSON text that
+    :func:`fingerprint` gives any other value (the int 1 and the str "1", say).
+    """
+    if type(value) is str:
+        return (value,)
+    return fingerprint(value)
+
+
 @functools.cache
 def _is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _pending(name: str) -> StepExecution:
+    """The history entry of a step not reached yet; immutable, so runs share one per name."""
+    return StepExecution(name=name)
 
 
 class RunDriver:
@@ -130,15 +152,15 @@ class RunDriver:
         self.current_step = 0
         self.names = definition.step_names
         self.history: list[StepExecution] = [
-            entry(rows[i]) if i in rows else StepExecution(name=n) for i, n in enumerate(self.names)
+            entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
         ]
         self.data = data
         self._enc: dict[str, str] = {}
-        self._fp: dict[str, str | None] = {}
+        self._fp: dict[str, _Print] = {}
         for key, value in data.items():
             self._enc[key] = encode(value, what=f"ctx.data[{key!r}]", max_size=1 << 62)
-            self._fp[key] = fingerprint(value)
-        self._pending: tuple[dict[str, tuple[str, str | None]], list[str]] | None = None
+            self._fp[key] = _fingerprint(value)
+        self._pending: tuple[dict[str, tuple[str, _Print]], list[str]] | None = None
         self.error: BaseException | None = None
 
     # -- building blocks ---------------------------------------------------------------------
@@ -245,7 +267,8 @@ class RunDriver:
             wait_name=wait_name,
             insert_step=insert_step,
             update_step=update_step,
-            renew_lease=None if release else self.settings.lease_seconds,
+            # No lease renewal here: the LeaseKeeper thread does it, and leaving lease_until
+            # alone lets PostgreSQL update the run row in place (no index writes per step).
             release=release,
         )
         applied = await self.store.apply(t)
@@ -270,9 +293,9 @@ class RunDriver:
             self.data = data = dict(data)
         fps = self._fp
         limit = self.settings.max_value_size
-        sets: dict[str, tuple[str, str | None]] = {}
+        sets: dict[str, tuple[str, _Print]] = {}
         for key, value in data.items():
-            fp = fingerprint(value)
+            fp = _fingerprint(value)
             if fp is None or fps.get(key, False) != fp:
                 if not isinstance(key, str):
                     raise SerializationError(
@@ -321,7 +344,7 @@ class RunDriver:
                 del self._fp[key]
         for key, value in self.data.items():
             self._enc[key] = encode(value, what=f"ctx.data[{key!r}]", max_size=1 << 62)
-            self._fp[key] = fingerprint(value)
+            self._fp[key] = _fingerprint(value)
 
     def committed_data(self) -> dict[str, Any]:
         """A private copy of the last committed ``ctx.data``."""

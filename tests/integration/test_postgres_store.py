@@ -435,6 +435,22 @@ async def test_find_recoverable_and_lease_renewal(store: PostgresStorage) -> Non
     assert await asyncio.to_thread(store.renew_leases, "me", {}, 30) == set()
 
 
+async def test_lease_renewal_reconnects_after_its_connection_dies(
+    store: PostgresStorage, fresh_pg_dsn: str
+) -> None:
+    await store.create(_run("r1"), lease_owner="me", lease_seconds=30)
+    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
+    renewal = store._renew_conn
+    assert renewal is not None
+    with psycopg.connect(fresh_pg_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (renewal.info.backend_pid,))
+    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
+    assert store._renew_conn is not None and store._renew_conn is not renewal
+    await store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.renew_leases("me", {"r1": 1}, 30)
+
+
 async def test_delete_removes_the_run_and_its_steps(store: PostgresStorage) -> None:
     await store.create(_run("r1"), lease_owner=None, lease_seconds=30)
     await store.apply(Transition("r1", 1, T0, fence=1, insert_step=_step(0)))
@@ -613,16 +629,17 @@ async def test_store_errors_are_typed(fresh_pg_dsn: str, store: PostgresStorage)
     assert await store.load("r1") is None
 
 
-def test_constructor_arguments_are_validated(fresh_pg_dsn: str) -> None:
+def test_constructor_arguments_are_validated() -> None:
+    dsn = "postgresql://nobody@127.0.0.1:1/none"  # never connected to: nothing opens before init
     for kwargs in (
         {},
-        {"dsn": fresh_pg_dsn, "pool": object()},
+        {"dsn": dsn, "pool": object()},
         {"dsn": ""},
         {"dsn": 5},
         {"pool": object()},
-        {"dsn": fresh_pg_dsn, "min_size": -1},
-        {"dsn": fresh_pg_dsn, "min_size": 5, "max_size": 2},
-        {"dsn": fresh_pg_dsn, "max_size": True},
+        {"dsn": dsn, "min_size": -1},
+        {"dsn": dsn, "min_size": 5, "max_size": 2},
+        {"dsn": dsn, "max_size": True},
     ):
         with pytest.raises(InvalidArgumentError):
             PostgresStorage(**kwargs)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ CREATE TABLE flux_runs (
     wait_name          TEXT,
     idempotency_key    TEXT,
     parent_id          TEXT
-);
+) WITH (fillfactor = 80);  -- room for in-place (HOT) updates of a run per step
 CREATE INDEX flux_runs_created ON flux_runs (created_at, seq);
 CREATE INDEX flux_runs_name_created ON flux_runs (name, created_at, seq);
 CREATE INDEX flux_runs_status_created ON flux_runs (status, created_at, seq);
