@@ -121,8 +121,9 @@ class FluxEngine:
         retry_policy: Backoff between attempts of steps without their own policy.
         lease: Seconds (or timedelta) a claim on a run lasts without renewal; renewed
             every third of it while the run executes.
-        max_recoveries: A run whose executor crashed this many times in a row is marked
-            failed by ``recover`` instead of being retried forever.
+        max_recoveries: A run whose executor crashed this many times in a row, with no
+            step recorded in between, is marked failed by ``recover`` instead of being
+            retried forever.
         recover_on_start: Run :meth:`recover` in :meth:`init`.
         max_value_size: Limit, in characters of JSON, of one stored value.
     """

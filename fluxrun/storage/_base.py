@@ -92,7 +92,7 @@ class RunRow:
     ``input`` is encoded JSON text; ``step_names`` is the definition's step list when the run
     started (used to refuse continuing a run whose workflow changed shape). ``owner``,
     ``fence`` and ``lease_until`` describe the current lease (``lease_until`` by the store's
-    clock). ``claims`` counts claims since the run last released ownership cleanly.
+    clock). ``claims`` counts claims since the run last recorded progress or released cleanly.
     """
 
     id: str
@@ -139,7 +139,9 @@ class Transition:
     is inserted (a row already at that index makes the whole transition fail with
     ``ConcurrentModificationError``: a step result is recorded once); ``update_step``
     replaces the row at its index (which must exist). ``renew_lease`` extends an owned lease;
-    ``release`` clears owner and lease and resets ``claims``. ``version`` rises by one.
+    ``release`` clears owner and lease and resets ``claims``, and so does recording a step
+    outcome (progress), so ``claims`` counts the claims since the run last moved forward.
+    ``version`` rises by one.
     """
 
     run_id: str

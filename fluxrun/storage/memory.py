@@ -132,6 +132,8 @@ class MemoryStorage(Store):
                 lease = now + dt.timedelta(seconds=t.renew_lease)
             if t.release:
                 owner, lease, claims = None, None, 0
+            elif t.insert_step is not None and t.claim is None:
+                claims = 0  # progress: the crash counter counts crashes in a row
             changes.update(fence=fence, owner=owner, lease_until=lease, claims=claims)
             for name in ("status", "current_step", "error", "completed_at", "wait_name"):
                 value = getattr(t, name)

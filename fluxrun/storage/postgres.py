@@ -481,6 +481,8 @@ class PostgresStorage(Store):
         elif t.renew_lease is not None:
             sets.append("lease_until = " + _NEW_LEASE)
             params.append(float(t.renew_lease))
+        if t.insert_step is not None and t.claim is None and not t.release:
+            sets.append("claims = 0")  # progress: the crash counter counts crashes in a row
         for column in ("status", "current_step", "error", "completed_at", "wait_name"):
             value = getattr(t, column)
             if value is not KEEP:

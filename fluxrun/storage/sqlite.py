@@ -381,6 +381,8 @@ class SQLiteStorage(Store):
             params.append(now + int(t.renew_lease * 1_000_000))
         if t.release:
             sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
+        elif t.insert_step is not None and t.claim is None:
+            sets.append("claims = 0")  # progress: the crash counter counts crashes in a row
         for column in ("status", "current_step", "error", "wait_name"):
             value = getattr(t, column)
             if value is not KEEP:
