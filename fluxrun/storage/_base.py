@@ -139,8 +139,9 @@ class Transition:
     is inserted (a row already at that index makes the whole transition fail with
     ``ConcurrentModificationError``: a step result is recorded once); ``update_step``
     replaces the row at its index (which must exist). ``renew_lease`` extends an owned lease;
-    ``release`` clears owner and lease and resets ``claims``, and so does recording a step
-    outcome (progress), so ``claims`` counts the claims since the run last moved forward.
+    ``release`` clears owner and lease and sets ``claims`` to 0; recording a step outcome
+    (progress) sets it to 1 (the current claim), so ``claims`` counts the claims since the
+    run last moved forward.
     ``version`` rises by one.
     """
 

@@ -133,7 +133,7 @@ class MemoryStorage(Store):
             if t.release:
                 owner, lease, claims = None, None, 0
             elif t.insert_step is not None and t.claim is None:
-                claims = 0  # progress: the crash counter counts crashes in a row
+                claims = 1  # progress: only the current claim counts now
             changes.update(fence=fence, owner=owner, lease_until=lease, claims=claims)
             for name in ("status", "current_step", "error", "completed_at", "wait_name"):
                 value = getattr(t, name)

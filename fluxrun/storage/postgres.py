@@ -482,7 +482,7 @@ class PostgresStorage(Store):
             sets.append("lease_until = " + _NEW_LEASE)
             params.append(float(t.renew_lease))
         if t.insert_step is not None and t.claim is None and not t.release:
-            sets.append("claims = 0")  # progress: the crash counter counts crashes in a row
+            sets.append("claims = 1")  # progress: only the current claim counts now
         for column in ("status", "current_step", "error", "completed_at", "wait_name"):
             value = getattr(t, column)
             if value is not KEEP:

@@ -382,7 +382,7 @@ class SQLiteStorage(Store):
         if t.release:
             sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
         elif t.insert_step is not None and t.claim is None:
-            sets.append("claims = 0")  # progress: the crash counter counts crashes in a row
+            sets.append("claims = 1")  # progress: only the current claim counts now
         for column in ("status", "current_step", "error", "wait_name"):
             value = getattr(t, column)
             if value is not KEEP:

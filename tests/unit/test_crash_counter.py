@@ -43,7 +43,7 @@ async def _claim(store: Store, run_id: str, owner: str) -> None:
     )
 
 
-async def test_claims_count_up_and_a_recorded_step_resets_them(store: Store) -> None:
+async def test_claims_count_up_and_a_recorded_step_resets_them_to_one(store: Store) -> None:
     await store.init()
     await store.create(_run("r1"), lease_owner="a", lease_seconds=0.0)
     await _claim(store, "r1", "b")
@@ -60,10 +60,10 @@ async def test_claims_count_up_and_a_recorded_step_resets_them(store: Store) -> 
         )
     )
     row = await store.load("r1")
-    assert row is not None and row.claims == 0
+    assert row is not None and row.claims == 1  # the claim that made progress
     await _claim(store, "r1", "d")
     row = await store.load("r1")
-    assert row is not None and row.claims == 1
+    assert row is not None and row.claims == 2
     await store.close()
 
 
