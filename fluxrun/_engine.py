@@ -17,16 +17,16 @@ from ._codec import DEFAULT_MAX_SIZE, decode, encode, validate_text
 from ._definition import WorkflowBuilder, WorkflowDefinition
 from ._lease import LeaseKeeper
 from ._records import FluxResult, StepStatus, WorkflowFilter, WorkflowState, WorkflowStatus
+from ._recovery import recover_runs
 from ._retry import RetryPolicy, seconds
 from ._runner import RunDriver, Settings, claim_for, utcnow
 from ._seed import SeedStorageAdapter, is_seed_storage
-from ._state import apply_changes, replay_data, to_state
+from ._state import replay_data, to_state
 from ._trace import HOOK_NAMES, Emitter
 from .errors import (
     CommittedStepError,
     ConcurrentModificationError,
     DefinitionError,
-    FluxError,
     InvalidArgumentError,
     InvalidStateError,
     InvalidStepIndexError,
@@ -650,123 +650,12 @@ class FluxEngine:
 
         Pending and running runs continue after their last recorded step; rolling-back runs
         continue their compensations. A run whose executors crashed ``max_recoveries`` times
-        in a row is marked failed. Returns the outcome of each run recovered.
+        in a row without progress is marked failed. Returns the outcome of each run recovered.
         """
         if type(concurrency) is not int or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an int >= 1, got {concurrency!r}")
         await self._ensure_ready()
-        results: list[FluxResult] = []
-        gate = asyncio.Semaphore(concurrency)
-        seen: set[str] = set()
-        while True:
-            names = sorted(self._registry)
-            # Runs seen already (left alone because their workflow changed, or finished)
-            # may come back first: widen the window so the ones behind them are reached.
-            window = 200 + len(seen)
-            batch = [
-                r
-                for r in await self._store.find_recoverable(names, limit=window)
-                if r.id not in seen and r.id not in self._keeper.holding()
-            ]
-            if not batch:
-                return results
-            seen.update(r.id for r in batch)
-
-            async def one(row: RunRow) -> FluxResult | None:
-                async with gate:
-                    try:
-                        return await self._recover_one(row)
-                    except ConcurrentModificationError as exc:
-                        # Another executor took the run over (this one's lease lapsed) or
-                        # changed it: it is theirs now, and the rest of the batch goes on.
-                        self.emitter.log.warning(
-                            f"fluxrun: stopped recovering run {row.name}/{row.id}: {exc}"
-                        )
-                    except Exception as exc:
-                        # One run's failure (a storage error, say) must not abandon the
-                        # others half-way; it stays recoverable for the next call.
-                        self.emitter.log.error(
-                            f"fluxrun: could not recover run {row.name}/{row.id}", exc
-                        )
-                    return None
-
-            for outcome in await asyncio.gather(*(one(r) for r in batch)):
-                if outcome is not None:
-                    results.append(outcome)
-
-    async def _recover_one(self, candidate: RunRow) -> FluxResult | None:
-        definition = self._registry[candidate.name]
-        started = time.perf_counter()
-        if tuple(candidate.step_names) != definition.step_names:
-            self.emitter.log.error(
-                f"fluxrun: cannot recover run {candidate.id!r}: workflow "
-                f"{candidate.name!r} changed its steps since the run started"
-            )
-            return None
-        try:
-            applied = await self._store.apply(
-                Transition(
-                    run_id=candidate.id,
-                    expected_version=candidate.version,
-                    updated_at=utcnow(),
-                    claim=claim_for(self.settings),
-                )
-            )
-        except ConcurrentModificationError:
-            return None  # someone else claimed or changed it first
-        row = await self._store.load(candidate.id)
-        if row is None or row.fence != applied.fence:
-            return None
-        self.emitter.log.warning(
-            f"fluxrun: recovering run {row.name}/{row.id} (status {row.status}, "
-            f"attempt {row.claims})"
-        )
-        if row.claims > self._max_recoveries:
-            return await self._give_up(definition, row, applied, started)
-        rows = {r.index: r for r in row.steps}
-        if row.status == WorkflowStatus.ROLLING_BACK.value:
-            failed = next((i for i in sorted(rows) if rows[i].status == "failed"), None)
-            if failed is not None:
-                data = replay_data(rows.values(), before=failed)
-                for i in sorted(rows, reverse=True):
-                    if i < failed:
-                        apply_changes(data, rows[i].compensation_changes)
-                driver = self._driver_from(definition, row, applied, rows=rows, data=data)
-                driver.started = started
-                driver.current_step = failed
-                return await self._drive(driver, None, rollback_from=failed)
-        start = 0
-        while start in rows:
-            start += 1
-        driver = self._driver_from(
-            definition, row, applied, rows=rows, data=replay_data(rows.values(), before=start)
-        )
-        driver.started = started
-        return await self._drive(driver, start)
-
-    async def _give_up(
-        self, definition: WorkflowDefinition, row: RunRow, applied: Applied, started: float
-    ) -> FluxResult:
-        message = (
-            f"run gave up after {row.claims - 1} executor crashes in a row "
-            f"(max_recoveries={self._max_recoveries})"
-        )
-        rows = {r.index: r for r in row.steps}
-        driver = self._driver_from(
-            definition, row, applied, rows=rows, data=replay_data(rows.values())
-        )
-        driver.started = started
-        driver.error = FluxError(message, workflow_id=row.id, workflow_name=row.name)
-        # save() writes current_step: keep where the run stopped (the driver starts at 0).
-        driver.current_step = row.current_step
-        await driver.save(
-            status=WorkflowStatus.FAILED, error=message, completed_at=utcnow(), release=True
-        )
-        self.emitter.log.error(f"fluxrun: {row.name}/{row.id}: {message}")
-        await driver.event(
-            "workflow:error", status=WorkflowStatus.FAILED.value, error=message, duration_ms=0.0
-        )
-        return driver.result()
+        return await recover_runs(self, concurrency)
 
     # -- reading -----------------------------------------------------------------------------
 

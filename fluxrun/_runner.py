@@ -4,10 +4,8 @@ The runner is the one place that decides transitions. It owns the run while it d
 (the store's lease, with a fence number), saves every transition with one conditional
 :meth:`Store.apply`, and tells hooks, sinks and the logger what happened.
 
-``ctx.data`` is tracked per top-level key: after a step, only the keys whose cheap
-fingerprint changed are strictly encoded and written (the step's ``changes``). The encoded
-form of the last committed data is kept, so a failed attempt's half-made changes can be
-thrown away before the next attempt.
+``ctx.data`` is tracked per top-level key by :class:`~fluxrun._data.TrackedData`, so a
+step writes only what it changed and a failed attempt's half-made changes are thrown away.
 """
 
 from __future__ import annotations
@@ -23,15 +21,17 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ._codec import decode, encode, fingerprint
+from ._codec import decode, encode
 from ._context import WaitMarker, WorkflowContext
+from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
 from ._records import FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
-from ._state import apply_changes, changes_text, entry
+from ._state import entry
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
 from .errors import (
     CompensationError,
+    FluxError,
     LeaseLostError,
     SerializationError,
     StepTimeoutError,
@@ -82,22 +82,6 @@ def _message(error: BaseException) -> str:
         # database can encode a lone surrogate; escape both, the same way on every backend.
         text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
     return text
-
-
-_Print = str | tuple[str] | None
-"""A value's fingerprint (see :func:`_fingerprint`)."""
-
-
-def _fingerprint(value: Any) -> _Print:
-    """What tells whether a ``ctx.data`` value changed; None means "treat it as changed".
-
-    A str is immutable, so it is its own fingerprint: comparing it is far cheaper than
-    encoding it. It is wrapped in a tuple so that it never equals the JSON text that
-    :func:`fingerprint` gives any other value (the int 1 and the str "1", say).
-    """
-    if type(value) is str:
-        return (value,)
-    return fingerprint(value)
 
 
 @functools.cache
@@ -154,13 +138,7 @@ class RunDriver:
         self.history: list[StepExecution] = [
             entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
         ]
-        self.data = data
-        self._enc: dict[str, str] = {}
-        self._fp: dict[str, _Print] = {}
-        for key, value in data.items():
-            self._enc[key] = encode(value, what=f"ctx.data[{key!r}]", max_size=1 << 62)
-            self._fp[key] = _fingerprint(value)
-        self._pending: tuple[dict[str, tuple[str, _Print]], list[str]] | None = None
+        self.tracked = TrackedData(data, max_size=settings.max_value_size)
         self.error: BaseException | None = None
 
     # -- building blocks ---------------------------------------------------------------------
@@ -199,6 +177,11 @@ class RunDriver:
             started=time.perf_counter(),
             **kw,
         )
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The live ``ctx.data`` the steps share."""
+        return self.tracked.data
 
     def _snapshot_history(self) -> tuple[StepExecution, ...]:
         return tuple(self.history)
@@ -280,76 +263,6 @@ class RunDriver:
                 self.rows[row.index] = row
                 self.history[row.index] = entry(row)
 
-    # -- ctx.data tracking -------------------------------------------------------------------
-
-    def _diff(self) -> str | None:
-        """Encode what the last attempt changed in ``ctx.data``; remember it as pending."""
-        data = self.data
-        if type(data) is not dict:
-            if not isinstance(data, dict):
-                raise SerializationError(
-                    f"ctx.data must stay a dict, but a step set it to {type(data).__name__}"
-                )
-            self.data = data = dict(data)
-        fps = self._fp
-        limit = self.settings.max_value_size
-        sets: dict[str, tuple[str, _Print]] = {}
-        for key, value in data.items():
-            fp = _fingerprint(value)
-            if fp is None or fps.get(key, False) != fp:
-                if not isinstance(key, str):
-                    raise SerializationError(
-                        f"ctx.data keys must be str, got {type(key).__name__} {key!r:.40}"
-                    )
-                what = f"ctx.data[{key!r}]"
-                encode(key, what=f"the key {what}")
-                sets[key] = (encode(value, what=what, max_size=limit), fp)
-        dels = [k for k in self._enc if k not in data]
-        if not sets and not dels:
-            self._pending = None
-            return None
-        self._pending = (sets, dels)
-        return changes_text({k: v[0] for k, v in sets.items()}, dels)
-
-    def _accept(self) -> None:
-        """The pending changes were saved: make them the committed data."""
-        if self._pending is None:
-            return
-        sets, dels = self._pending
-        for key, (text, fp) in sets.items():
-            self._enc[key] = text
-            self._fp[key] = fp
-        for key in dels:
-            del self._enc[key]
-            del self._fp[key]
-        self._pending = None
-
-    def _restore(self) -> None:
-        """Throw away uncommitted changes: ``ctx.data`` becomes the last committed data.
-
-        A new dict is made, so a timed-out synchronous handler that is still running keeps
-        writing into the old one, which nobody reads any more.
-        """
-        self._pending = None
-        self.data = {k: decode(v) for k, v in self._enc.items()}
-
-    def apply_recorded(self, changes: str | None) -> None:
-        """Apply changes recorded earlier (a commit step passed over on resume)."""
-        if changes is None:
-            return
-        apply_changes(self.data, changes)
-        for key in list(self._enc):
-            if key not in self.data:
-                del self._enc[key]
-                del self._fp[key]
-        for key, value in self.data.items():
-            self._enc[key] = encode(value, what=f"ctx.data[{key!r}]", max_size=1 << 62)
-            self._fp[key] = _fingerprint(value)
-
-    def committed_data(self) -> dict[str, Any]:
-        """A private copy of the last committed ``ctx.data``."""
-        return {k: decode(v) for k, v in self._enc.items()}
-
     # -- calling user code -------------------------------------------------------------------
 
     async def _call(
@@ -404,11 +317,11 @@ class RunDriver:
             ctx = self.context(index, attempt)
             try:
                 result = await self._call(fn, ctx, timeout)
-                self.data = ctx.data
-                changes = self._diff()
+                self.tracked.data = ctx.data
+                changes = self.tracked.diff()
                 return result, changes, ctx, attempt
             except Exception as exc:
-                self._restore()
+                self.tracked.restore()
                 retryable = not isinstance(exc, SerializationError) and policy.should_retry(exc)
                 if attempt > retries or not retryable:
                     raise _Failed(exc, attempt) from exc
@@ -443,7 +356,7 @@ class RunDriver:
             self.current_step = index
             row = self.rows.get(index)
             if row is not None and step.commit and row.status == _COMPLETED:
-                self.apply_recorded(row.changes)
+                self.tracked.apply_recorded(row.changes)
                 await self.event(
                     "step:skipped",
                     step_name=step.name,
@@ -513,7 +426,7 @@ class RunDriver:
                     max_size=self.settings.max_value_size,
                 )
         except SerializationError as exc:
-            self._restore()
+            self.tracked.restore()
             return await self._fail(index, step, exc, attempts, started, t0)
         row = StepRow(
             index=index,
@@ -540,7 +453,7 @@ class RunDriver:
                 status=_COMPLETED,
             )
         await self.save(status=WorkflowStatus.RUNNING, insert_step=row)
-        self._accept()
+        self.tracked.accept()
         return None
 
     async def _suspend(
@@ -580,7 +493,7 @@ class RunDriver:
             wait_name=marker.signal,
             release=True,
         )
-        self._accept()
+        self.tracked.accept()
         return self.result()
 
     async def _complete(self) -> FluxResult:
@@ -594,7 +507,7 @@ class RunDriver:
                 "workflow:complete",
                 status=WorkflowStatus.COMPLETED.value,
                 duration_ms=self.elapsed_ms(),
-                data=self.committed_data(),
+                data=self.tracked.committed(),
             )
         return self.result()
 
@@ -696,7 +609,7 @@ class RunDriver:
             status=StepStatus.COMPENSATED.value,
         )
         await self.save(update_step=done)
-        self._accept()
+        self.tracked.accept()
         return None
 
     async def _compensation_failed(
@@ -722,7 +635,11 @@ class RunDriver:
         return await self._error_end(WorkflowStatus.COMPENSATION_FAILED, text)
 
     async def _error_end(self, status: WorkflowStatus, message: str) -> FluxResult:
-        error = self.error if self.error is not None else RuntimeError(message)
+        if self.error is None:
+            # A rollback continued after a crash: the step's own exception died with the
+            # process that raised it; its stored message stands in for it.
+            self.error = FluxError(message, workflow_id=self.id, workflow_name=self.definition.name)
+        error = self.error
         await self.emitter.hook("workflow_error", self.context(self.current_step), error)
         await self.event(
             "workflow:error",
@@ -743,7 +660,7 @@ class RunDriver:
         return FluxResult(
             id=self.id,
             status=self.status,
-            data=self.committed_data(),
+            data=self.tracked.committed(),
             history=tuple(self.history),
             duration_ms=self.elapsed_ms(),
             error=self.error,

@@ -40,4 +40,5 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 def backend(store: Store, request: pytest.FixtureRequest) -> Backend:
     """Which backend ``store`` is."""
-    return request.node.stash[_BACKEND]
+    found: Backend = request.node.stash[_BACKEND]
+    return found

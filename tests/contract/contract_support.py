@@ -19,8 +19,6 @@ from fluxrun.storage._base import RunRow, StepRow, Store
 from fluxrun.storage.memory import MemoryStorage
 from fluxrun.storage.sqlite import SQLiteStorage
 
-KINDS = ("memory", "sqlite", "postgres")
-
 #: A fixed instant with a non-zero microsecond part: every backend must keep microseconds.
 T0 = dt.datetime(2024, 5, 17, 8, 30, 0, 123456, tzinfo=dt.UTC)
 
@@ -161,7 +159,7 @@ def norm(value: Any) -> Any:
     """A run row, step row or tuple of step rows with its JSON text columns in canonical form.
 
     A store hands JSON back as text holding the same value, not necessarily the same text:
-    PostgreSQL keeps JSON as ``jsonb`` and re-spaces it. :func:`canonical_json` keeps
+    PostgreSQL may keep JSON as ``jsonb``, which re-spaces it. :func:`canonical_json` keeps
     everything about the value that the codec distinguishes (types, float bits, the sign of
     zero) except the order of object keys, which ``test_values`` checks on its own.
     """
@@ -177,7 +175,7 @@ def norm(value: Any) -> Any:
             compensation_changes=canonical_json(value.compensation_changes),
         )
     assert isinstance(value, RunRow)
-    return replace(value, input=canonical_json(value.input), steps=norm(value.steps))
+    return replace(value, input=canonical_text(value.input), steps=norm(value.steps))
 
 
 def seen(row: RunRow | None) -> Seen | None:
@@ -192,9 +190,12 @@ def seen(row: RunRow | None) -> Seen | None:
 
 
 def canonical_json(text: str | None) -> str | None:
+    """:func:`canonical_text`, passing None through."""
+    return None if text is None else canonical_text(text)
+
+
+def canonical_text(text: str) -> str:
     """A text equal for two JSON texts exactly when they hold the same value (keys sorted)."""
-    if text is None:
-        return None
     return repr(typed(json.loads(text), sort_keys=True))
 
 
@@ -218,7 +219,7 @@ def typed(value: Any, *, sort_keys: bool = False) -> Any:
 
 def same_value(a: Any, b: Any) -> bool:
     """Equality of decoded values that also checks types, key order and the sign of zero."""
-    return typed(a) == typed(b)
+    return bool(typed(a) == typed(b))
 
 
 def decoded(text: str | None) -> Any:

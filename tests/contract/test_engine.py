@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ class Transcript:
                 "result",
                 self.alias(value.id),
                 value.status.value,
-                typed(value.data),
+                unordered(value.data),
                 self.history(value.history),
                 None if value.error is None else type(value.error).__name__,
                 None if value.error is None else self._text(str(value.error)),
@@ -82,8 +83,8 @@ class Transcript:
                 self.alias(value.id),
                 value.name,
                 value.status.value,
-                typed(value.input),
-                typed(value.data),
+                unordered(value.input),
+                unordered(value.data),
                 value.current_step,
                 self.history(value.history),
                 value.completed_at is not None,
@@ -93,7 +94,7 @@ class Transcript:
             )
         if isinstance(value, list):
             return [self.value(v) for v in value]
-        return typed(value)
+        return unordered(value)
 
     def history(self, entries: tuple[StepExecution, ...]) -> Any:
         return tuple(
@@ -101,7 +102,7 @@ class Transcript:
                 e.name,
                 e.status.value,
                 e.waiting_for,
-                typed(e.output),
+                unordered(e.output),
                 self._text(e.error),
                 e.retries,
                 e.started_at is not None,
@@ -112,6 +113,11 @@ class Transcript:
             )
             for e in entries
         )
+
+
+def unordered(value: Any) -> Any:
+    """``value`` tagged with its types, object keys sorted: key order has its own test."""
+    return typed(value, sort_keys=True)
 
 
 Script = Callable[[FluxEngine, Transcript], Awaitable[None]]
@@ -212,7 +218,7 @@ async def order_script(engine: FluxEngine, seen: Transcript) -> None:
     waiting = await seen.call("execute waiting", lambda: engine.execute(flow, {"items": []}))
     assert waiting is not None
     for run_id in (ok.id, bad.id, waiting.id):
-        await seen.call("get", lambda run_id=run_id: engine.get(run_id))
+        await seen.call("get", functools.partial(engine.get, run_id))
     await seen.call("list all", lambda: engine.list())
     await seen.call("list suspended", lambda: engine.list(WorkflowFilter(status="suspended")))
     await seen.call(
@@ -231,6 +237,35 @@ async def order_script(engine: FluxEngine, seen: Transcript) -> None:
 async def test_order_saga_gives_the_same_states(store: Store) -> None:
     lines = await assert_same_as_memory(store, order_script)
     assert len(lines) > 20
+
+
+async def key_order_script(engine: FluxEngine, seen: Transcript) -> None:
+    def write(ctx: WorkflowContext) -> Any:
+        ctx.data["zeta"] = 1
+        ctx.data["a"] = {"z": 1, "": 2, "longer": 3}
+        ctx.data["mm"] = 2
+        return wait("go")
+
+    def more(ctx: WorkflowContext) -> None:
+        ctx.data["b"] = 3
+        ctx.data["aa"] = 4
+
+    flow = create_workflow("contract-order-of-keys").step("write", write).step("more", more)
+    first = await engine.execute(flow, {"zeta": 0, "alpha": [{"y": 1, "x": 2}]})
+    assert first.status == "suspended"
+    suspended = await engine.get(first.id)
+    done = await engine.signal(flow, first.id, "go", {"yes": 1, "no": 0})
+    final = await engine.get(first.id)
+    assert suspended is not None and final is not None
+    seen.lines.append(("data after a reload", typed(suspended.data), typed(final.data)))
+    seen.lines.append(("input after a reload", typed(final.input)))
+    seen.lines.append(("signal output after a reload", typed(final.history[0].output)))
+    seen.lines.append(("data of the results", typed(first.data), typed(done.data)))
+
+
+async def test_data_key_order_survives_a_reload(store: Store) -> None:
+    # ctx.data, inputs and outputs are Python dicts: their key order is visible to callers.
+    await assert_same_as_memory(store, key_order_script)
 
 
 # -- failures, rejections, compensation failure -----------------------------------------------
@@ -274,7 +309,7 @@ async def failure_script(engine: FluxEngine, seen: Transcript) -> None:
         ("surrogate input", {"k": "\udc80"}),
         ("int key input", {1: 2}),
     ]:
-        await seen.call(label, lambda value=value: engine.execute(bad_data, value))
+        await seen.call(label, functools.partial(engine.execute, bad_data, value))
     await seen.call("list", lambda: engine.list())
     await seen.call(
         "list by status", lambda: engine.list(WorkflowFilter(status=["compensation_failed"]))
@@ -314,7 +349,7 @@ async def unstorable_error_script(engine: FluxEngine, seen: Transcript) -> None:
     for name, handler in [("nul", nul), ("surrogate", surrogate)]:
         flow = create_workflow(f"contract-{name}").step("ok", lambda ctx: None, compensate=undo)
         flow.step("broken", handler)
-        await seen.call(name, lambda flow=flow: engine.execute(flow, None))
+        await seen.call(name, functools.partial(engine.execute, flow, None))
     await seen.call("list", lambda: engine.list())
 
 
