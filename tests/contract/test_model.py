@@ -273,15 +273,21 @@ class StoreModel(RuleBasedStateMachine):
         insert = update = None
         if data.draw(st.sampled_from((True, False)), label="insert?"):
             insert = self.pick_step(data, absent, "insert_step")
+        # An update applies to a recorded row, or to the row this transition inserts.
+        updatable = sorted({*present, *([] if insert is None else [insert.index])})
         if data.draw(
-            st.sampled_from((False, False, True) if present else (False,) * 11 + (True,)),
+            st.sampled_from((False, False, True) if updatable else (False,) * 11 + (True,)),
             label="update?",
         ):
-            update = self.pick_step(data, present, "update_step")
+            update = self.pick_step(data, updatable, "update_step")
         delete_from = None
         keep: tuple[int, ...] = ()
         if data.draw(st.sampled_from((False, False, False, True)), label="delete?"):
-            delete_from = data.draw(st.integers(min_value=0, max_value=4), label="delete_from")
+            # Mostly from a recorded row, so that something is deleted.
+            starts = present or list(range(5))
+            delete_from = data.draw(
+                st.sampled_from(starts) | st.integers(min_value=0, max_value=4), label="delete_from"
+            )
             kept = data.draw(st.sets(st.integers(min_value=0, max_value=4)), label="keep")
             keep = tuple(sorted(kept))
         t = Transition(
