@@ -391,15 +391,16 @@ class SQLiteStorage(Store):
         if t.completed_at is not KEEP:
             sets.append("completed_at = ?")
             params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
+        update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
         conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute(
-            "UPDATE flux_runs SET "
-            + ", ".join(sets)
-            + " WHERE "
-            + " AND ".join(where)
-            + " RETURNING version, fence",
-            params + wparams,
-        ).fetchone()
+        row: tuple[int, int] | None
+        if t.fence is not None and t.claim is None:
+            # The usual step commit: the new version and fence are known, and SQLite's
+            # RETURNING (which goes through a temporary table) would cost a fifth of it.
+            applied = conn.execute(update, params + wparams).rowcount == 1
+            row = (t.expected_version + 1, t.fence) if applied else None
+        else:
+            row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
         if row is None:
             error = self._diagnose(conn, t, now)
             conn.execute("ROLLBACK")

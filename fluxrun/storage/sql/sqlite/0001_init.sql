@@ -25,8 +25,10 @@ CREATE TABLE flux_runs (
 CREATE INDEX flux_runs_created ON flux_runs (created_at);
 CREATE INDEX flux_runs_name_created ON flux_runs (name, created_at);
 CREATE INDEX flux_runs_status_created ON flux_runs (status, created_at);
-CREATE INDEX flux_runs_ready ON flux_runs (status, run_after);
-CREATE INDEX flux_runs_lease ON flux_runs (lease_until);
+-- Partial: only runs waiting for a time (timers, backoff) are indexed, and only owned runs
+-- by lease, so the per-step write of a run touches neither index.
+CREATE INDEX flux_runs_ready ON flux_runs (status, run_after) WHERE run_after IS NOT NULL;
+CREATE INDEX flux_runs_lease ON flux_runs (lease_until) WHERE lease_until IS NOT NULL;
 CREATE TABLE flux_steps (
     run_id               TEXT NOT NULL REFERENCES flux_runs (id) ON DELETE CASCADE,
     idx                  INTEGER NOT NULL,
