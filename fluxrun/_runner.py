@@ -591,8 +591,11 @@ class RunDriver:
             row = replace(row, status=StepStatus.COMPENSATING.value, fence=self.fence)
             await self.save(update_step=row)
         assert step.compensate is not None
+        t0 = time.perf_counter()
         try:
-            _, changes, _, _ = await self._attempts(index, step, step.compensate, compensating=True)
+            _, changes, _, attempts = await self._attempts(
+                index, step, step.compensate, compensating=True
+            )
         except _Failed as failed:
             return await self._compensation_failed(step, failed.error, message)
         done = replace(
@@ -606,6 +609,8 @@ class RunDriver:
             "step:compensate",
             step_name=step.name,
             step_index=index,
+            retries=attempts - 1,
+            duration_ms=(time.perf_counter() - t0) * 1000.0,
             status=StepStatus.COMPENSATED.value,
         )
         await self.save(update_step=done)

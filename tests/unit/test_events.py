@@ -275,6 +275,8 @@ async def test_event_fields_of_a_failure(engine_factory: EngineFactory, recorder
         0,
         "compensated",
     )
+    assert compensate.retries == 0
+    assert compensate.duration_ms is not None and compensate.duration_ms >= 0
     assert by_type["workflow:rollback_complete"].status == "rolled_back"
     wf_error = by_type["workflow:error"]
     assert (wf_error.status, wf_error.error) == ("rolled_back", "b failed")
