@@ -35,6 +35,7 @@ from ._base import (
     transition_error,
 )
 from ._migrations import migrations
+from ._rows import run_from, step_fields, step_from
 
 if TYPE_CHECKING:
     import psycopg
@@ -52,6 +53,7 @@ _INSTALL_HINT = "PostgresStorage needs psycopg 3 and psycopg-pool: pip install '
 #: connection must not inherit from a pool's settings: it sets its own.
 _CONNECTION_OPTIONS = ("autocommit", "row_factory", "cursor_factory", "context")
 
+# The orders of storage/_rows.py (RUN_COLUMNS, STEP_COLUMNS), with JSON read back as text.
 _RUN_COLUMNS = (
     "id, name, definition_version, status, input::text, step_names::text, current_step, error, "
     "created_at, updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name"
@@ -95,23 +97,12 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else value.astimezone(dt.UTC)
 
 
+def _same(value: dt.datetime | None) -> dt.datetime | None:
+    return value
+
+
 def _step_fields(s: StepRow) -> tuple[Any, ...]:
-    return (
-        s.name,
-        s.status,
-        s.started_at,
-        s.completed_at,
-        s.suspended_at,
-        s.compensated_at,
-        s.waiting_for,
-        s.duration_ms,
-        s.output,
-        s.error,
-        s.retries,
-        s.changes,
-        s.compensation_changes,
-        s.fence,
-    )
+    return step_fields(s, _same)
 
 
 def _step_values(run_id: str, s: StepRow) -> tuple[Any, ...]:
@@ -119,46 +110,11 @@ def _step_values(run_id: str, s: StepRow) -> tuple[Any, ...]:
 
 
 def _step_row(r: Sequence[Any]) -> StepRow:
-    return StepRow(
-        index=r[0],
-        name=r[1],
-        status=r[2],
-        started_at=_utc(r[3]),
-        completed_at=_utc(r[4]),
-        suspended_at=_utc(r[5]),
-        compensated_at=_utc(r[6]),
-        waiting_for=r[7],
-        duration_ms=r[8],
-        output=r[9],
-        error=r[10],
-        retries=r[11],
-        changes=r[12],
-        compensation_changes=r[13],
-        fence=r[14],
-    )
+    return step_from(r, _utc)
 
 
 def _run_row(r: Sequence[Any], steps: tuple[StepRow, ...] = ()) -> RunRow:
-    return RunRow(
-        id=r[0],
-        name=r[1],
-        definition_version=r[2],
-        status=r[3],
-        input=r[4],
-        step_names=tuple(json.loads(r[5])),
-        current_step=r[6],
-        error=r[7],
-        created_at=r[8].astimezone(dt.UTC),
-        updated_at=r[9].astimezone(dt.UTC),
-        completed_at=_utc(r[10]),
-        version=r[11],
-        fence=r[12],
-        owner=r[13],
-        lease_until=_utc(r[14]),
-        claims=r[15],
-        wait_name=r[16],
-        steps=steps,
-    )
+    return run_from(r, _utc, steps)
 
 
 def _require_psycopg() -> None:

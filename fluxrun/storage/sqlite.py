@@ -28,6 +28,7 @@ from ._base import (
     transition_error,
 )
 from ._migrations import migrations
+from ._rows import RUN_COLUMNS, STEP_COLUMNS, run_from, step_fields, step_from
 
 __all__ = ["SQLiteStorage"]
 
@@ -35,14 +36,8 @@ T = TypeVar("T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICRO = dt.timedelta(microseconds=1)
 
-_RUN_COLUMNS = (
-    "id, name, definition_version, status, input, step_names, current_step, error, created_at, "
-    "updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name"
-)
-_STEP_COLUMNS = (
-    "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "
-    "duration_ms, output, error, retries, changes, compensation_changes, fence"
-)
+_RUN_COLUMNS = ", ".join(RUN_COLUMNS)
+_STEP_COLUMNS = ", ".join(STEP_COLUMNS)
 _INSERT_STEP = (
     "INSERT INTO flux_steps (run_id, " + _STEP_COLUMNS + ") "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -66,65 +61,15 @@ def from_micros(value: int | None) -> dt.datetime | None:
 
 
 def _step_values(s: StepRow) -> tuple[Any, ...]:
-    return (
-        s.name,
-        s.status,
-        to_micros(s.started_at),
-        to_micros(s.completed_at),
-        to_micros(s.suspended_at),
-        to_micros(s.compensated_at),
-        s.waiting_for,
-        s.duration_ms,
-        s.output,
-        s.error,
-        s.retries,
-        s.changes,
-        s.compensation_changes,
-        s.fence,
-    )
+    return step_fields(s, to_micros)
 
 
 def _step_row(r: tuple[Any, ...]) -> StepRow:
-    return StepRow(
-        index=r[0],
-        name=r[1],
-        status=r[2],
-        started_at=from_micros(r[3]),
-        completed_at=from_micros(r[4]),
-        suspended_at=from_micros(r[5]),
-        compensated_at=from_micros(r[6]),
-        waiting_for=r[7],
-        duration_ms=r[8],
-        output=r[9],
-        error=r[10],
-        retries=r[11],
-        changes=r[12],
-        compensation_changes=r[13],
-        fence=r[14],
-    )
+    return step_from(r, from_micros)
 
 
 def _run_row(r: tuple[Any, ...], steps: tuple[StepRow, ...] = ()) -> RunRow:
-    return RunRow(
-        id=r[0],
-        name=r[1],
-        definition_version=r[2],
-        status=r[3],
-        input=r[4],
-        step_names=tuple(json.loads(r[5])),
-        current_step=r[6],
-        error=r[7],
-        created_at=from_micros(r[8]),  # type: ignore[arg-type]
-        updated_at=from_micros(r[9]),  # type: ignore[arg-type]
-        completed_at=from_micros(r[10]),
-        version=r[11],
-        fence=r[12],
-        owner=r[13],
-        lease_until=from_micros(r[14]),
-        claims=r[15],
-        wait_name=r[16],
-        steps=steps,
-    )
+    return run_from(r, from_micros, steps)
 
 
 class SQLiteStorage(Store):
