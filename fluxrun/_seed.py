@@ -115,11 +115,6 @@ class SeedStorageAdapter(Store):
         except Exception as exc:
             raise StorageError(f"{type(self.user).__name__}.{method} failed: {exc}") from exc
 
-    async def _write_through(self, run_id: str) -> None:
-        row = await self._cache.load(run_id)
-        if row is not None:
-            await self._call("save", to_state(row, None))
-
     async def _cached(self, run_id: str) -> RunRow | None:
         row = await self._cache.load(run_id)
         if row is not None:
@@ -158,6 +153,18 @@ class SeedStorageAdapter(Store):
         applied = await self._cache.apply(t)
         await self._write_through(t.run_id)
         return applied
+
+    async def _write_through(self, run_id: str) -> None:
+        row = await self._cache.load(run_id)
+        if row is None:
+            return
+        try:
+            await self._call("save", to_state(row, None))
+        except StorageError:
+            # The user's storage is the truth: forget what it did not take, so the next
+            # read comes from it rather than from a change it never saved.
+            await self._cache.delete(run_id)
+            raise
 
     async def load(self, run_id: str) -> RunRow | None:
         """The run, from this process's cache or the user's storage."""

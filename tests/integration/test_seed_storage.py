@@ -1,0 +1,181 @@
+"""A user's own storage with the seed's interface (save/load/list/delete/init/close) runs
+workflows, in one process, and keeps them across engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fluxrun import (
+    FluxEngine,
+    RetryPolicy,
+    StorageError,
+    WorkflowContext,
+    WorkflowFilter,
+    WorkflowState,
+    WorkflowStatus,
+    create_workflow,
+    wait,
+)
+
+FAST = RetryPolicy(initial_delay=0, jitter=False)
+
+
+class DictStorage:
+    """What a user might write: whole states in a dict, async like the seed's interface."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, WorkflowState] = {}
+        self.saves = 0
+        self.calls: list[str] = []
+
+    async def init(self) -> None:
+        self.calls.append("init")
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+    async def save(self, state: WorkflowState) -> None:
+        assert isinstance(state, WorkflowState)
+        self.saves += 1
+        self.states[state.id] = state
+
+    async def load(self, id: str) -> WorkflowState | None:
+        return self.states.get(id)
+
+    async def list(self, filter: WorkflowFilter | None = None) -> list[WorkflowState]:
+        f = filter or WorkflowFilter()
+        found = [
+            s
+            for s in self.states.values()
+            if (f.name is None or s.name == f.name)
+            and (f.statuses is None or s.status in f.statuses)
+        ]
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        end = None if f.limit is None else f.offset + f.limit
+        return found[f.offset : end]
+
+    async def delete(self, id: str) -> None:
+        self.states.pop(id, None)
+
+
+class SyncDictStorage:
+    """The same with plain methods and no init/close: both are accepted."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, WorkflowState] = {}
+
+    def save(self, state: WorkflowState) -> None:
+        self.states[state.id] = state
+
+    def load(self, id: str) -> WorkflowState | None:
+        return self.states.get(id)
+
+    def list(self, filter: WorkflowFilter | None = None) -> list[WorkflowState]:
+        return sorted(self.states.values(), key=lambda s: s.created_at, reverse=True)
+
+    def delete(self, id: str) -> None:
+        self.states.pop(id, None)
+
+
+def reserve(ctx: WorkflowContext) -> None:
+    ctx.data["reserved"] = ctx.input["items"]
+
+
+def release(ctx: WorkflowContext) -> None:
+    ctx.data["reserved"] = []
+
+
+async def approve(ctx: WorkflowContext) -> Any:
+    return wait("approved")
+
+
+async def ship(ctx: WorkflowContext) -> None:
+    if ctx.input.get("fail"):
+        raise RuntimeError("no carrier")
+    ctx.data["shipped_by"] = ctx.signals["approved"]["by"]
+
+
+order = (
+    create_workflow("order")
+    .step("reserve", reserve, compensate=release)
+    .step("approve", approve)
+    .step("ship", ship)
+)
+
+
+@pytest.mark.parametrize("kind", [DictStorage, SyncDictStorage])
+async def test_a_users_storage_runs_workflows(kind: type[Any]) -> None:
+    storage = kind()
+    async with FluxEngine(storage=storage, retry_policy=FAST) as engine:
+        run = await engine.execute(order, {"items": ["book"]})
+        assert run.status == WorkflowStatus.SUSPENDED
+        saved = storage.states[run.id]
+        assert saved.status == WorkflowStatus.SUSPENDED
+        assert saved.data == {"reserved": ["book"]}
+        assert saved.history[1].waiting_for == "approved"
+
+        done = await engine.signal(order, run.id, "approved", {"by": "ann"})
+        assert done.status == WorkflowStatus.COMPLETED
+        assert storage.states[run.id].status == WorkflowStatus.COMPLETED
+        assert storage.states[run.id].data == done.data == {
+            "reserved": ["book"],
+            "shipped_by": "ann",
+        }
+        state = await engine.get(run.id)
+        assert state is not None and state.completed_at is not None
+
+        failed = await engine.execute(order, {"items": ["pen"], "fail": True})
+        failed = await engine.signal(order, failed.id, "approved", {"by": "bob"})
+        assert failed.status == WorkflowStatus.ROLLED_BACK
+        stored = storage.states[failed.id]
+        assert [h.status.value for h in stored.history] == ["compensated", "completed", "failed"]
+        assert stored.data == {"reserved": []}
+
+        listed = await engine.list()
+        assert {s.id for s in listed} == {run.id, failed.id}
+        assert await engine.delete(run.id) is True
+        assert run.id not in storage.states
+
+
+async def test_init_close_and_one_save_per_transition() -> None:
+    storage = DictStorage()
+    async with FluxEngine(storage=storage) as engine:
+        run = await engine.execute(order, {"items": ["book"]})
+        state = await engine.get(run.id)
+        assert state is not None
+        # create + reserve + approve (suspended): one save of the whole state each.
+        assert storage.saves == state.version == 3
+    assert storage.calls == ["init", "close"]
+
+
+async def test_a_new_engine_continues_a_run_from_the_users_storage() -> None:
+    storage = DictStorage()
+    async with FluxEngine(storage=storage) as first:
+        run = await first.execute(order, {"items": ["book"]})
+        assert run.status == WorkflowStatus.SUSPENDED
+    # A fresh engine (fresh in-process cache) reads the run back from the user's storage.
+    async with FluxEngine(storage=storage) as second:
+        state = await second.get(run.id)
+        assert state is not None and state.status == WorkflowStatus.SUSPENDED
+        assert state.data == {"reserved": ["book"]}
+        done = await second.signal(order, run.id, "approved", {"by": "cy"})
+        assert done.status == WorkflowStatus.COMPLETED
+        assert done.data == {"reserved": ["book"], "shipped_by": "cy"}
+        again = await second.resume(order, run.id, from_step="ship")
+        assert again is not None and again.status == WorkflowStatus.COMPLETED
+
+
+async def test_a_failing_user_storage_is_a_storage_error() -> None:
+    class Broken(DictStorage):
+        async def save(self, state: WorkflowState) -> None:
+            raise OSError("disk gone")
+
+    broken = Broken()
+    async with FluxEngine(storage=broken) as engine:
+        with pytest.raises(StorageError, match="disk gone"):
+            await engine.execute(order, {"items": ["book"]})
+        # Nothing half-written: the user's storage is the truth, and it holds nothing.
+        assert await engine.list() == []
+        assert broken.states == {}
