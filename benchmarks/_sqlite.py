@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 from fluxrun import FluxEngine, SQLiteStorage
 
@@ -39,7 +37,6 @@ _WARMUP = 20
 
 def _open_floor(path: str) -> sqlite3.Connection:
     """A raw connection with the pragmas SQLiteStorage uses (WAL, synchronous=FULL)."""
-    # check_same_thread=False: the threaded floor commits from a worker thread.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -68,16 +65,6 @@ def _floor_batch(conn: sqlite3.Connection, batch: str, commits: int) -> None:
         _commit_one(conn, batch, i)
 
 
-async def _threaded_floor_batch(
-    conn: sqlite3.Connection, pool: ThreadPoolExecutor, batch: str, commits: int
-) -> None:
-    """The same commits, each awaited from a worker thread as SQLiteStorage does it: shows
-    what the hop between the event loop and the store's thread costs on this machine."""
-    loop = asyncio.get_running_loop()
-    for i in range(commits):
-        await loop.run_in_executor(pool, _commit_one, conn, batch, i)
-
-
 async def run_sqlite(
     report: Report, sizes: Sizes, *, section2: bool = True, big: bool = True
 ) -> None:
@@ -104,27 +91,18 @@ async def _section2(
     )
     flow = noop_workflow()
     floor_s: list[float] = []
-    hop_s: list[float] = []
     seq_s: list[float] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-floor") as pool:
-        _floor_batch(floor, "warm-up", min(commits, 50))
-        await _threaded_floor_batch(floor, pool, "warm-up-thread", min(commits, 50))
-        await run_sequential(engine, flow, _WARMUP)
-        # Floor and engine batches alternate, so a busy spell slows both rather than one.
-        for r in range(sizes.repeats):
-            floor_s.append(timed(lambda r=r: _floor_batch(floor, f"raw-{r}", commits)))
-            hop_s.append(
-                await timed_async(
-                    lambda r=r: _threaded_floor_batch(floor, pool, f"thread-{r}", commits)
-                )
-            )
-            seq_s.append(await timed_async(lambda: run_sequential(engine, flow, n)))
+    _floor_batch(floor, "warm-up", min(commits, 50))
+    await run_sequential(engine, flow, _WARMUP)
+    # Floor and engine batches alternate, so a busy spell slows both rather than one.
+    for r in range(sizes.repeats):
+        floor_s.append(timed(lambda r=r: _floor_batch(floor, f"raw-{r}", commits)))
+        seq_s.append(await timed_async(lambda: run_sequential(engine, flow, n)))
     flight_s = [
         await timed_async(lambda: run_in_flight(engine, flow, k))
         for _ in range(sizes.in_flight_repeats)
     ]
     floor_rate = commits / best_time(floor_s)
-    hop_rate = commits / best_time(hop_s)
     seq_wf = n / best_time(seq_s)
     flight_wf = k / best_time(flight_s)
     share = seq_wf * STEPS / floor_rate
@@ -134,14 +112,7 @@ async def _section2(
         "steps/s",
         f"{1e6 / floor_rate:.0f} µs per commit ({commits:,} per batch)",
     )
-    report.row(
-        "floor, each commit via a worker thread",
-        fmt_rate(hop_rate),
-        "steps/s",
-        f"{1e6 / hop_rate:.0f} µs per commit: the store's thread hop costs "
-        f"{1e6 / hop_rate - 1e6 / floor_rate:.0f} µs here (reference only)",
-    )
-    ceiling = hop_rate * STEPS / (STEPS + 2)
+    ceiling = floor_rate * STEPS / (STEPS + 2)
     report.row(
         f"ceiling: {STEPS + 2} such commits per {STEPS} steps",
         fmt_rate(ceiling),

@@ -40,7 +40,6 @@ def test_quick_run_prints_every_section() -> None:
         "engine overhead over the bare loop",
         "2. SQLite store",
         "floor: raw BEGIN IMMEDIATE;INSERT;COMMIT",
-        "floor, each commit via a worker thread",
         "engine sequential",
         "in flight (asyncio.gather)",
         "3. SQLite sequential, ~100 KB ctx.data",
