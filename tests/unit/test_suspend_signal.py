@@ -4,6 +4,7 @@ SQLiteStorage."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -297,3 +298,21 @@ async def test_signal_that_leads_to_a_failure_returns_the_failed_result(
     assert result.status == WorkflowStatus.FAILED
     assert isinstance(result.error, ValueError)
     assert result.history[1].error == "rejected by ann"
+
+
+async def test_two_concurrent_signals_continue_the_run_once(engine: FluxEngine) -> None:
+    log: list[str] = []
+    flow = approval_flow(log)
+    first = await engine.execute(flow, {})
+    outcomes = await asyncio.gather(
+        engine.signal(flow, first.id, "approved", {"by": "ann"}),
+        engine.signal(flow, first.id, "approved", {"by": "bob"}),
+        return_exceptions=True,
+    )
+    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(done) == 1 and done[0].status == WorkflowStatus.COMPLETED
+    assert len(refused) == 1 and isinstance(refused[0], WorkflowNotSuspendedError)
+    assert log.count("ship") == 1
+    state = await engine.get(first.id)
+    assert state is not None and state.data == done[0].data
