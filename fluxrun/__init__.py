@@ -68,6 +68,15 @@ __version__ = "0.1.0"
 logging.getLogger("fluxrun").addHandler(logging.NullHandler())
 
 
+def _publish(names: list[str]) -> None:
+    # Public objects show their public path in reprs, tracebacks and pickles ("fluxrun.X"
+    # rather than "fluxrun._engine.X"); the private module layout stays free to change.
+    for name in names:
+        obj = globals()[name]
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = __name__
+
+
 __all__ = [
     "CommittedStepError",
     "CompensationError",
@@ -123,3 +132,5 @@ __all__ = [
     "create_workflow",
     "wait",
 ]
+
+_publish(__all__)
