@@ -36,6 +36,7 @@ T = TypeVar("T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICRO = dt.timedelta(microseconds=1)
 
+_SYNCHRONOUS = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
 _RUN_COLUMNS = ", ".join(RUN_COLUMNS)
 _STEP_COLUMNS = ", ".join(STEP_COLUMNS)
 _INSERT_STEP = (
@@ -143,9 +144,10 @@ class SQLiteStorage(Store):
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
-        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        # PRAGMA takes no bound parameters: both values come from checked settings.
+        conn.execute("PRAGMA busy_timeout = " + str(int(busy_ms)))
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute(_SYNCHRONOUS[self._synchronous])
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_size_limit = 67108864")
         return conn
