@@ -205,3 +205,47 @@ class Report:
         result = verdict(ok)
         self.verdicts.append((name, result))
         self.row(label, value, unit, f"{note}  {result}")
+
+
+SEQUENTIAL_TARGET = 0.5
+"""Engine steps/s run one after another, as a share of the floor's."""
+
+
+def report_engine_rates(
+    report: Report,
+    *,
+    target: str,
+    floor_rate: float,
+    ceiling_rate: float,
+    ceiling_what: str,
+    runs: int,
+    seq_wf: float,
+    in_flight: int,
+    flight_wf: float,
+    flight_repeats: int,
+) -> None:
+    """The rows a store's section shares: its ceiling, the sequential target, in-flight runs."""
+    report.row(
+        f"ceiling: {STEPS + 2} such {ceiling_what} per {STEPS} steps",
+        fmt_rate(ceiling_rate),
+        "steps/s",
+        f"a run is created, saved per step, completed: {ceiling_rate / floor_rate:.0%} of "
+        "floor at best (reference only)",
+    )
+    share = seq_wf * STEPS / floor_rate
+    report.row(f"engine sequential ({runs:,} runs per batch)", fmt_rate(seq_wf), "workflows/s")
+    report.target(
+        target,
+        share >= SEQUENTIAL_TARGET,
+        "engine sequential",
+        fmt_rate(seq_wf * STEPS),
+        "steps/s",
+        f"{1e6 / (seq_wf * STEPS):.0f} µs/step, {share:.0%} of floor; "
+        f"target ≥ {SEQUENTIAL_TARGET:.0%}",
+    )
+    report.row(
+        f"engine {in_flight:,} in flight (asyncio.gather)",
+        fmt_rate(flight_wf),
+        "workflows/s",
+        f"best of {flight_repeats}",
+    )

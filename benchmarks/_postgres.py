@@ -19,12 +19,12 @@ from ._common import (
     best_time,
     fmt_rate,
     noop_workflow,
+    report_engine_rates,
     run_in_flight,
     run_sequential,
     timed,
     timed_async,
 )
-from ._sqlite import SEQUENTIAL_TARGET
 
 __all__ = ["DSN_ENV", "run_postgres", "throwaway_server"]
 
@@ -205,7 +205,6 @@ async def _postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
     async_rate = inserts / best_time(samples.async_floor)
     seq_wf = n / best_time(samples.sequential)
     flight_wf = k / best_time(samples.in_flight)
-    share = seq_wf * STEPS / floor_rate
     report.row(
         "floor: raw autocommit INSERT (psycopg)",
         fmt_rate(floor_rate),
@@ -218,29 +217,17 @@ async def _postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
         "steps/s",
         f"{1e6 / async_rate:.0f} µs per insert (reference only)",
     )
-    ceiling = async_rate * STEPS / (STEPS + 2)
-    report.row(
-        f"ceiling: {STEPS + 2} such inserts per {STEPS} steps",
-        fmt_rate(ceiling),
-        "steps/s",
-        f"a run is created, saved per step, completed: {ceiling / floor_rate:.0%} of floor "
-        "at best (reference only)",
-    )
-    report.row(f"engine sequential ({n:,} runs per batch)", fmt_rate(seq_wf), "workflows/s")
-    report.target(
-        "postgres sequential",
-        share >= SEQUENTIAL_TARGET,
-        "engine sequential",
-        fmt_rate(seq_wf * STEPS),
-        "steps/s",
-        f"{1e6 / (seq_wf * STEPS):.0f} µs/step, {share:.0%} of floor; "
-        f"target ≥ {SEQUENTIAL_TARGET:.0%}",
-    )
-    report.row(
-        f"engine {k:,} in flight (asyncio.gather)",
-        fmt_rate(flight_wf),
-        "workflows/s",
-        f"best of {sizes.in_flight_repeats}",
+    report_engine_rates(
+        report,
+        target="postgres sequential",
+        floor_rate=floor_rate,
+        ceiling_rate=async_rate * STEPS / (STEPS + 2),
+        ceiling_what="inserts",
+        runs=n,
+        seq_wf=seq_wf,
+        in_flight=k,
+        flight_wf=flight_wf,
+        flight_repeats=sizes.in_flight_repeats,
     )
     report.target(
         "postgres in flight",

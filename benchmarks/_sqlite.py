@@ -18,16 +18,15 @@ from ._common import (
     big_data_workflow,
     fmt_rate,
     noop_workflow,
+    report_engine_rates,
     run_in_flight,
     run_sequential,
     timed,
     timed_async,
 )
 
-__all__ = ["BIG_TARGET_RATIO", "SEQUENTIAL_TARGET", "run_sqlite"]
+__all__ = ["BIG_TARGET_RATIO", "run_sqlite"]
 
-SEQUENTIAL_TARGET = 0.5
-"""Sequential engine steps/s must reach this share of the raw-commit floor."""
 
 BIG_TARGET_RATIO = 2.0
 """With ~100 KB of ctx.data, a step may cost at most this many times a small-data step."""
@@ -105,36 +104,23 @@ async def _section2(
     floor_rate = commits / best_time(floor_s)
     seq_wf = n / best_time(seq_s)
     flight_wf = k / best_time(flight_s)
-    share = seq_wf * STEPS / floor_rate
     report.row(
         "floor: raw BEGIN IMMEDIATE;INSERT;COMMIT",
         fmt_rate(floor_rate),
         "steps/s",
         f"{1e6 / floor_rate:.0f} µs per commit ({commits:,} per batch)",
     )
-    ceiling = floor_rate * STEPS / (STEPS + 2)
-    report.row(
-        f"ceiling: {STEPS + 2} such commits per {STEPS} steps",
-        fmt_rate(ceiling),
-        "steps/s",
-        f"a run is created, saved per step, completed: {ceiling / floor_rate:.0%} of floor "
-        "at best (reference only)",
-    )
-    report.row(f"engine sequential ({n:,} runs per batch)", fmt_rate(seq_wf), "workflows/s")
-    report.target(
-        "sqlite sequential",
-        share >= SEQUENTIAL_TARGET,
-        "engine sequential",
-        fmt_rate(seq_wf * STEPS),
-        "steps/s",
-        f"{1e6 / (seq_wf * STEPS):.0f} µs/step, {share:.0%} of floor; "
-        f"target ≥ {SEQUENTIAL_TARGET:.0%}",
-    )
-    report.row(
-        f"engine {k:,} in flight (asyncio.gather)",
-        fmt_rate(flight_wf),
-        "workflows/s",
-        f"best of {sizes.in_flight_repeats}",
+    report_engine_rates(
+        report,
+        target="sqlite sequential",
+        floor_rate=floor_rate,
+        ceiling_rate=floor_rate * STEPS / (STEPS + 2),
+        ceiling_what="commits",
+        runs=n,
+        seq_wf=seq_wf,
+        in_flight=k,
+        flight_wf=flight_wf,
+        flight_repeats=sizes.in_flight_repeats,
     )
     report.row(
         f"engine {k:,} in flight (asyncio.gather)",
