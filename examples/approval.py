@@ -6,6 +6,10 @@ A step returns ``wait("approved")``: the run is saved as *suspended* and the cal
 Nothing has to stay in memory: here the first engine is closed, and a second engine (think:
 another process, a web request handler, a worker started hours later) opens the same SQLite
 file, finds the run and delivers the signal; the run then continues with its next step.
+
+It has the saga shape too: ``submit`` can be undone (its compensation withdraws the request),
+``pay_out`` is the commit step (money leaves: it never runs twice in a run and is never
+undone), and ``notify``, after the commit, is retried until it succeeds.
 """
 
 from __future__ import annotations
@@ -30,23 +34,36 @@ def submit(ctx: WorkflowContext) -> None:
     ctx.data["request"] = f"{ctx.input['employee']}: {ctx.input['amount']} EUR"
 
 
+def withdraw(ctx: WorkflowContext) -> None:  # compensation of submit
+    ctx.data["request"] = None
+
+
 def ask_for_approval(ctx: WorkflowContext) -> object:
     ctx.data["asked"] = "finance"  # saved together with the suspension
     return wait("approved")
 
 
 def pay_out(ctx: WorkflowContext) -> None:
+    # The commit step: once completed it never runs again in this run. A crash before its
+    # outcome is saved does run it again, so a real transfer passes ctx.idempotency_key too.
     # The signal's payload is available to every later step.
     approval = ctx.signals["approved"]
     ctx.data["paid"] = ctx.input["amount"]
     ctx.data["approved_by"] = approval["by"]
 
 
+def notify(ctx: WorkflowContext) -> None:
+    # After the commit: retried until it succeeds (retries=10). A real mail call would pass
+    # ctx.idempotency_key ("<run id>:notify"), so that the mail service drops a repeat.
+    ctx.data["notified"] = ctx.input["employee"]
+
+
 expense = (
     create_workflow("expense_approval")
-    .step("submit", submit)
+    .step("submit", submit, compensate=withdraw)
     .step("approval", ask_for_approval)
-    .step("pay_out", pay_out)
+    .commit("pay_out", pay_out)
+    .step("notify", notify, retries=10)
 )
 
 
@@ -55,7 +72,7 @@ async def first_process(db: Path) -> str:
     async with FluxEngine(storage=SQLiteStorage(db)) as engine:
         run = await engine.execute(expense, {"employee": "kim", "amount": 420})
         waiting = run.history[1]
-        print(f"[process 1] run {run.id[:8]} is {run.status.value}")
+        print(f"[process 1] run {run.id} is {run.status.value}")
         print(f"[process 1] step {waiting.name!r} waits for signal {waiting.waiting_for!r}")
         print("[process 1] closing the engine; nothing about the run stays in memory")
         return run.id
@@ -69,7 +86,7 @@ async def second_process(db: Path, run_id: str) -> None:
         engine.register(expense)
         state = await engine.get(run_id)
         assert state is not None
-        print(f"[process 2] loaded run {run_id[:8]} from {db.name}: {state.status.value}")
+        print(f"[process 2] loaded run {run_id} from {db.name}: {state.status.value}")
         print(f"[process 2] its data so far: {state.data}")
 
         # The run only accepts the signal it waits for; anything else is refused, untouched.

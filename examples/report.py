@@ -1,4 +1,4 @@
-"""A report with a flaky step (retried) and a slow step (timed out).
+"""A report with a flaky step (retried), a slow step (timed out) and every attempt kept.
 
     python examples/report.py [--db report.db]
 
@@ -8,6 +8,11 @@ limited to 0.2 s per attempt: an async handler still running then is cancelled, 
 attempt fails with StepTimeoutError. Its second attempt takes a shorter path (a summary
 instead of the full report), so the first run completes; the second run asks for the full
 report only, every attempt times out, and the run fails with the StepTimeoutError.
+``engine.attempts(run_id)`` then lists every attempt with its exception type.
+
+Saga shape: ``fetch`` and ``render`` change nothing outside, so they need no compensation;
+``publish`` (mailing the report) is the commit step, last: it runs once per run, even if the
+run is resumed.
 """
 
 from __future__ import annotations
@@ -42,12 +47,18 @@ async def render(ctx: WorkflowContext) -> None:
     ctx.data["report"] = f"{'full' if full else 'summary'} report of {ctx.data['rows']} rows"
 
 
+async def publish(ctx: WorkflowContext) -> None:
+    # A real mailer would get ctx.idempotency_key, so that a repeat after a crash is dropped.
+    ctx.data["sent_to"] = "sales@example.com"
+
+
 report = (
     create_workflow("daily_report")
     # Waits of 0.05 s, then 0.1 s: 0.05 * 2 ** (retry - 1), no jitter so the output is stable.
     .step("fetch", fetch, retries=3, retry=RetryPolicy(initial_delay=0.05, jitter=False))
     # timeout is per attempt, in seconds; a timed-out attempt is retried like any failure.
     .step("render", render, timeout=0.2, retries=1, retry=RetryPolicy(initial_delay=0.0))
+    .commit("publish", publish)
 )
 
 
@@ -73,15 +84,21 @@ async def main_async(db: Path) -> None:
         for title, allow_summary in (("summary allowed", True), ("full report only", False)):
             print(f"\nrun with {title}:")
             run = await engine.execute(report, {"allow_summary": allow_summary})
-            print(f"  => {run.status.value} (run {run.id[:8]})")
+            print(f"  => {run.status} (run {run.id})")
             if run.error is None:
                 print(f"     {run.data['report']}")
             else:
                 # execute() returns a failed run instead of raising; the step's own
                 # exception is in result.error.
                 print(f"     error: {type(run.error).__name__}: {run.error}")
+                # Every attempt is kept, with the qualified type of its exception (and its
+                # traceback, in a.traceback; get() shows it for the step's last attempt).
+                print("     attempts:")
+                for a in await engine.attempts(run.id):
+                    what = f"{a.error_type}: {a.error}" if a.error_type else ""
+                    print(f"       {a.step:<7} #{a.attempt}  {a.status:<9}  {what}".rstrip())
             for step in run.history:
-                print(f"     {step.name:<7} {step.status.value:<10} retries used: {step.retries}")
+                print(f"     {step.name:<7} {step.status:<10} retries used: {step.retries}")
 
 
 def main() -> None:

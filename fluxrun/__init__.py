@@ -6,8 +6,6 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
-import logging
-
 from ._context import Flux, WaitMarker, WorkflowContext, wait
 from ._definition import (
     StepDefinition,
@@ -21,6 +19,7 @@ from ._definition import (
 from ._engine import FluxEngine
 from ._records import (
     FluxResult,
+    StepAttempt,
     StepExecution,
     StepStatus,
     WorkflowFilter,
@@ -28,15 +27,16 @@ from ._records import (
     WorkflowStatus,
 )
 from ._retry import RetryPolicy
-from ._seed import WorkflowStorage
 from ._sync import SyncFluxEngine
 from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
+from ._whole_state_storage import WorkflowStorage
 from .errors import (
     CommittedStepError,
     CompensationError,
     ConcurrentModificationError,
     DefinitionError,
     EmptyWorkflowError,
+    EngineClosedError,
     FluxError,
     InvalidArgumentError,
     InvalidInputError,
@@ -64,8 +64,8 @@ from .trace.jsonfile import JsonFileTraceSink
 
 __version__ = "0.1.0"
 
-# A library does not print by default: the application configures logging.
-logging.getLogger("fluxrun").addHandler(logging.NullHandler())
+# No NullHandler on purpose: an application that configures no logging still sees fluxrun's
+# warnings and errors (a failing hook, a failed step) on stderr through logging.lastResort.
 
 
 def _publish(names: list[str]) -> None:
@@ -83,6 +83,7 @@ __all__ = [
     "ConcurrentModificationError",
     "DefinitionError",
     "EmptyWorkflowError",
+    "EngineClosedError",
     "Flux",
     "FluxEngine",
     "FluxError",
@@ -105,6 +106,7 @@ __all__ = [
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",
+    "StepAttempt",
     "StepDefinition",
     "StepDescriptor",
     "StepExecution",

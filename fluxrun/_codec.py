@@ -13,6 +13,22 @@ Everything fluxrun stores (inputs, ``ctx.data``, outputs, signal payloads) goes 
 * ``NaN``/``inf``, ``\\u0000``, lone surrogates, non-string keys, nesting deeper than
   :data:`MAX_DEPTH`, values larger than the size limit and every other type are rejected
   with a :class:`~fluxrun.errors.SerializationError` that names the path of the bad value.
+
+A user dict that has the tag key itself is written as ``{"$flux": "dict", "v": [[k, v], ...]}``
+(:func:`object_text` composes the same form from encoded values), so that no user key is ever
+read back as a tag.
+
+:func:`fingerprint` tells cheaply whether a value changed since it was last encoded. It is
+the value's pickle: C-fast (several times faster than the C JSON encoder, and it needs no
+lenient fallback for non-JSON types) and exact about everything the strict encoding depends
+on, which JSON is not: a tuple is not a list, an ``IntEnum`` not an ``int``, the key ``1``
+not ``"1"``, ``-0.0`` not ``0.0``, and a dataclass field hidden from ``repr`` still counts.
+Two values with the same pickle rebuild to the same objects, so they have the same strict
+encoding; the converse need not hold (sharing of one object at two places shows in a pickle),
+which only costs a needless write. A class that pickles less state than the codec stores
+(its own ``__reduce__``/``__getstate__``) could hide a change: none of the supported types do.
+A value that cannot be pickled (a class defined in a function, say) has no fingerprint and is
+encoded at every step.
 """
 
 from __future__ import annotations
@@ -23,13 +39,25 @@ import enum
 import importlib
 import json
 import math
+import pickle
 import uuid
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from .errors import SerializationError
 
-__all__ = ["DEFAULT_MAX_SIZE", "MAX_DEPTH", "decode", "encode", "fingerprint", "validate_text"]
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "MAX_DEPTH",
+    "TAG",
+    "decode",
+    "encode",
+    "fingerprint",
+    "object_text",
+    "revive",
+    "validate_text",
+]
 
 MAX_DEPTH = 200
 """Deepest nesting of lists and objects accepted (the top level is depth 1)."""
@@ -38,7 +66,9 @@ DEFAULT_MAX_SIZE = 1 << 20
 """Default limit, in characters of JSON, of one stored value (an input, a payload, an output,
 or one top-level key of ``ctx.data``)."""
 
-_TAG = "$flux"
+TAG = "$flux"
+"""The key of a tagged object: ``{"$flux": "uuid", "v": "..."}``."""
+_TAG = TAG
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
@@ -272,22 +302,32 @@ def decode(text: str) -> Any:
     return json.loads(text, object_hook=_revive)
 
 
-def _fingerprint_default(o: Any) -> Any:
-    return [type(o).__module__, type(o).__qualname__, repr(o)]
+def revive(plain: Any) -> Any:
+    """What :func:`decode` makes of ``plain``, the result of a plain ``json.loads``."""
+    if type(plain) is dict:
+        return _revive({k: revive(x) for k, x in plain.items()})
+    if type(plain) is list:
+        return [revive(x) for x in plain]
+    return plain
 
 
-_fast = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), default=_fingerprint_default
-).encode
+def object_text(items: Mapping[str, str]) -> str:
+    """JSON text of a dict whose values are already encoded, written as :func:`encode` writes
+    a dict: :func:`decode` gives back a dict with exactly these keys, even the tag key.
+
+    The keys must be valid (str, without NUL or lone surrogates).
+    """
+    if _TAG in items:
+        pairs = ",".join(f"[{_dumps(k)},{v}]" for k, v in items.items())
+        return '{"' + _TAG + '":"dict","v":[' + pairs + "]}"
+    return "{" + ",".join(f"{_dumps(k)}:{v}" for k, v in items.items()) + "}"
 
 
-def fingerprint(value: Any) -> str | None:
-    """Return a cheap text that changes whenever ``value`` changes, or None if unsure.
-
-    Used to find which keys of ``ctx.data`` a step changed without running the strict
-    encoder over the whole of it; a None answer means "treat as changed".
+def fingerprint(value: Any) -> bytes | None:
+    """A cheap text that differs whenever the strict encoding of ``value`` would, or None
+    when there is none ("treat as changed"). See the module docstring.
     """
     try:
-        return _fast(value)
-    except (TypeError, ValueError, RecursionError):
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # unpicklable (or a __reduce__ that fails): treat as changed
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -11,7 +12,10 @@ from ._codec import validate_text
 from ._records import StepExecution, WorkflowStatus
 from .errors import InvalidArgumentError, SerializationError
 
-__all__ = ["Flux", "WaitMarker", "WorkflowContext", "wait"]
+__all__ = ["MADE_WAITS", "Flux", "WaitMarker", "WorkflowContext", "wait"]
+
+MADE_WAITS: ContextVar[list[WaitMarker] | None] = ContextVar("fluxrun_made_waits", default=None)
+"""The waits a running attempt made, so one made but not returned is reported, not lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +35,11 @@ def wait(signal: str) -> WaitMarker:
         validate_text(signal, "signal name")
     except SerializationError as exc:
         raise InvalidArgumentError(exc.message) from None
-    return WaitMarker(signal)
+    marker = WaitMarker(signal)
+    made = MADE_WAITS.get()
+    if made is not None:
+        made.append(marker)
+    return marker
 
 
 class Flux:

@@ -2,8 +2,11 @@
 
 After an attempt, each key's cheap fingerprint is compared with the one saved last; only the
 keys that changed are strictly encoded (and so validated) and written, as the step's
-``changes``. The encoded form of the last saved data is kept, so a failed attempt's
-half-made changes can be thrown away and the result handed out as a private copy.
+``changes``. The fingerprint (:func:`fluxrun._codec.fingerprint`) is exact about types, so a
+change of type alone (a list made a tuple, an int made an ``IntEnum``, a key ``"1"`` made
+``1``) is saved, or rejected, like any other. The encoded form of the last saved data is
+kept, so a failed attempt's half-made changes can be thrown away and the result handed out
+as a private copy.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from .errors import SerializationError
 
 __all__ = ["TrackedData"]
 
-_Print = str | tuple[str] | None
+_Print = bytes | tuple[str] | None
 """A value's fingerprint (see :func:`_fingerprint`)."""
 
 _UNLIMITED = 1 << 62
@@ -25,9 +28,9 @@ _UNLIMITED = 1 << 62
 def _fingerprint(value: Any) -> _Print:
     """What tells whether a ``ctx.data`` value changed; None means "treat it as changed".
 
-    A str is immutable, so it is its own fingerprint: comparing it is far cheaper than
-    encoding it. It is wrapped in a tuple so that it never equals the JSON text that
-    :func:`fingerprint` gives any other value (the int 1 and the str "1", say).
+    A str (exactly: a ``StrEnum`` is not one) is immutable, so it is its own fingerprint:
+    comparing it is far cheaper than pickling it. It is wrapped in a tuple to tell it from
+    the bytes :func:`fingerprint` gives any other value.
     """
     if type(value) is str:
         return (value,)

@@ -3,41 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime as dt
 import os
 import time
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-from ._codec import DEFAULT_MAX_SIZE, decode, encode, validate_text
+from ._actions import list_attempts, resume_run, signal_run, skip_compensation
+from ._codec import DEFAULT_MAX_SIZE, decode, encode
 from ._definition import WorkflowBuilder, WorkflowDefinition
 from ._lease import LeaseKeeper
-from ._records import FluxResult, StepStatus, WorkflowFilter, WorkflowState, WorkflowStatus
+from ._options import hooks_from, naming, sinks_from, text_arg
+from ._records import (
+    TERMINAL_STATUSES,
+    FluxResult,
+    StepAttempt,
+    WorkflowFilter,
+    WorkflowState,
+    WorkflowStatus,
+)
 from ._recovery import recover_runs
 from ._retry import RetryPolicy, seconds
-from ._runner import RunDriver, Settings, claim_for, utcnow
-from ._seed import SeedStorageAdapter, is_seed_storage
-from ._state import replay_data, to_state
-from ._trace import HOOK_NAMES, Emitter
+from ._runner import RunDriver, Settings, utcnow
+from ._state import to_state
+from ._trace import Emitter
+from ._whole_state_storage import WholeStateStorageAdapter, is_whole_state_storage
 from .errors import (
-    CommittedStepError,
     ConcurrentModificationError,
     DefinitionError,
     InvalidArgumentError,
     InvalidStateError,
-    InvalidStepIndexError,
-    SerializationError,
-    SignalMismatchError,
-    StepNotFoundError,
+    RunBusyError,
     UnknownWorkflowError,
     WorkflowDefinitionChangedError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
-    WorkflowNotSuspendedError,
+    with_run,
 )
 from .storage._base import Applied, ListQuery, RunRow, Store, Transition
 from .storage.memory import MemoryStorage
@@ -47,60 +51,8 @@ __all__ = ["FlowLike", "FluxEngine"]
 FlowLike = WorkflowBuilder | WorkflowDefinition | str | Any
 """A builder, a ``Workflow``, a definition, or the name of a registered workflow."""
 
-_CAMEL_HOOKS = {
-    "stepStart": "step_start",
-    "stepComplete": "step_complete",
-    "stepError": "step_error",
-    "workflowComplete": "workflow_complete",
-    "workflowError": "workflow_error",
-}
 _NO_TIMEOUT_RETRY = RetryPolicy()
-
-
-def _hooks(on: object) -> dict[str, Any]:
-    if on is None:
-        return {}
-    if isinstance(on, Mapping):
-        items = dict(on)
-    else:
-        names = (*HOOK_NAMES, *_CAMEL_HOOKS)
-        if not any(hasattr(on, n) for n in names):
-            # A str, a number or a list here is a mistake, not "an object with no hooks".
-            raise InvalidArgumentError(
-                f"on must be a dict of hooks or an object with hook attributes "
-                f"({', '.join(HOOK_NAMES)}), got {type(on).__name__}"
-            )
-        items = {n: getattr(on, n) for n in names if getattr(on, n, None) is not None}
-    hooks: dict[str, Any] = {}
-    for key, fn in items.items():
-        name = _CAMEL_HOOKS.get(key, key)
-        if name not in HOOK_NAMES:
-            raise InvalidArgumentError(
-                f"unknown hook {key!r}; the hooks are {', '.join(HOOK_NAMES)}"
-            )
-        if fn is None:
-            continue
-        if not callable(fn):
-            raise InvalidArgumentError(f"hook {key!r} must be callable, got {fn!r}")
-        hooks[name] = fn
-    return hooks
-
-
-def _sinks(trace: object) -> list[Any]:
-    if trace is None:
-        return []
-    sinks = list(trace) if isinstance(trace, list | tuple) else [trace]
-    for sink in sinks:
-        if not callable(getattr(sink, "emit", None)):
-            raise InvalidArgumentError(f"trace sink {sink!r} has no emit(event) method")
-    return sinks
-
-
-def _text_arg(value: object, what: str) -> str:
-    try:
-        return validate_text(value, what, max_length=1000)
-    except SerializationError as exc:
-        raise InvalidArgumentError(exc.message) from None
+_MAX_LEASE = 7 * 86400.0
 
 
 class FluxEngine:
@@ -108,8 +60,8 @@ class FluxEngine:
 
     Args:
         storage: Where runs live: ``MemoryStorage()`` (default), ``SQLiteStorage(path)``,
-            ``PostgresStorage(dsn)``, or any object with the seed's
-            ``save/load/list/delete`` (single process only).
+            ``PostgresStorage(dsn)``, or a ``WorkflowStorage``: any object with
+            @gravito/flux's whole-state ``save/load/list/delete`` (single process only).
         logger: A ``logging.Logger`` (default: the ``fluxrun`` logger) or any object with
             ``debug/info/warn(ing)/error``.
         trace: A trace sink (anything with ``emit(event)``) or a list of them.
@@ -126,6 +78,9 @@ class FluxEngine:
             retried forever.
         recover_on_start: Run :meth:`recover` in :meth:`init`.
         max_value_size: Limit, in characters of JSON, of one stored value.
+        sync_timeout_grace: Seconds to wait, after a sync handler timed out, for its thread
+            to return before the next attempt starts (one attempt at a time); if it has not
+            returned by then, the step fails without further attempts.
     """
 
     def __init__(
@@ -142,6 +97,7 @@ class FluxEngine:
         max_recoveries: int = 5,
         recover_on_start: bool = False,
         max_value_size: int = DEFAULT_MAX_SIZE,
+        sync_timeout_grace: float | dt.timedelta = 60.0,
     ) -> None:
         if type(default_retries) is not int or default_retries < 0:
             raise InvalidArgumentError(
@@ -162,10 +118,15 @@ class FluxEngine:
                 None if default_timeout is None else seconds(default_timeout, "default_timeout")
             )
             lease_seconds = seconds(lease, "lease")
+            grace = seconds(sync_timeout_grace, "sync_timeout_grace", allow_zero=True)
         except DefinitionError as exc:
             raise InvalidArgumentError(exc.message) from None
+        if lease_seconds > _MAX_LEASE:
+            raise InvalidArgumentError(
+                f"lease must be at most {_MAX_LEASE:g} seconds (7 days), got {lease!r}"
+            )
         self._store = self._make_store(storage)
-        self.emitter = Emitter(sinks=_sinks(trace), hooks=_hooks(on), logger=logger)
+        self.emitter = Emitter(sinks=sinks_from(trace), hooks=hooks_from(on), logger=logger)
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._executor: ThreadPoolExecutor | None = None
         self.settings = Settings(
@@ -176,6 +137,8 @@ class FluxEngine:
             lease_seconds=lease_seconds,
             max_value_size=max_value_size,
             executor=self._thread_pool,
+            sync_timeout_grace=grace,
+            closing=self._is_closing,
         )
         self._keeper = LeaseKeeper(
             self._store, owner=self.owner, lease_seconds=lease_seconds, log=self.emitter.log
@@ -184,8 +147,11 @@ class FluxEngine:
         self._max_recoveries = max_recoveries
         self._recover_on_start = bool(recover_on_start)
         self._ready = False
+        self._closing = False
         self._closed = False
         self._init_lock: asyncio.Lock | None = None
+        # Runs this engine is driving now -> set when the drive has ended (close waits).
+        self._active: dict[str, asyncio.Event] = {}
 
     @staticmethod
     def _make_store(storage: object | None) -> Store:
@@ -193,8 +159,8 @@ class FluxEngine:
             return MemoryStorage()
         if isinstance(storage, Store):
             return storage
-        if is_seed_storage(storage):
-            return SeedStorageAdapter(storage)
+        if is_whole_state_storage(storage):
+            return WholeStateStorageAdapter(storage)
         raise InvalidArgumentError(
             "storage must be MemoryStorage, SQLiteStorage, PostgresStorage or an object with "
             f"save/load/list/delete methods, got {type(storage).__name__}"
@@ -235,18 +201,41 @@ class FluxEngine:
 
     async def _ensure_ready(self) -> None:
         # A closed engine must refuse work even on a store (memory) that still answers.
+        if self._closing and not self._closed:
+            raise InvalidStateError("this FluxEngine is closing")
         if not self._ready or self._closed:
             await self.init()
 
-    async def close(self) -> None:
-        """Stop lease renewal, the step thread pool and the store."""
-        if self._closed:
+    def _is_closing(self) -> bool:
+        return self._closing
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Stop driving runs, release them, and close the thread pool and the store.
+
+        Runs being driven stop at their next step boundary (waiting at most ``timeout``
+        seconds for running steps) and are released, so another engine's ``recover()``
+        continues them at once; their callers get :class:`EngineClosedError`. Sync steps
+        still queued for a thread do not start.
+        """
+        if self._closed or self._closing:
             return
-        self._closed = True
-        self._keeper.stop()
+        self._closing = True
+        await self._wait_active(timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        # Callers of cancelled queued steps get EngineClosedError and release their runs.
+        await self._wait_active(1.0)
+        self._closed = True
+        await self._keeper.stop_async()
         await self._store.close()
+
+    async def _wait_active(self, timeout: float) -> None:
+        if not self._active:
+            return
+        waiters = [asyncio.ensure_future(ev.wait()) for ev in self._active.values()]
+        _, pending = await asyncio.wait(waiters, timeout=timeout)
+        for w in pending:
+            w.cancel()
 
     async def __aenter__(self) -> FluxEngine:
         await self.init()
@@ -308,6 +297,7 @@ class FluxEngine:
         return None if definition is None else definition.input_spec
 
     def _driver(self, definition: WorkflowDefinition, **kw: Any) -> RunDriver:
+        """A driver for a run this engine has just created."""
         return RunDriver(
             definition=definition,
             store=self._store,
@@ -336,16 +326,51 @@ class FluxEngine:
         )
 
     async def _drive(
-        self, driver: RunDriver, start: int | None, rollback_from: int | None = None
+        self,
+        driver: RunDriver,
+        start: int | None,
+        rollback_from: tuple[int, str] | None = None,
     ) -> FluxResult:
+        """Drive a claimed run; on any way out but a saved end, release it at once."""
         self._keeper.hold(driver.id, driver.fence)
+        done = asyncio.Event()
+        self._active[driver.id] = done
         try:
             if rollback_from is not None:
-                return await driver.rollback(rollback_from, driver_error_text(driver))
+                return await driver.rollback(*rollback_from)
             assert start is not None
             return await driver.forward(start)
+        except BaseException as exc:
+            await self._release(driver, exc)
+            with_run(exc, driver.id, driver.definition.name)
+            raise
         finally:
             self._keeper.drop(driver.id)
+            self._active.pop(driver.id, None)
+            done.set()
+
+    async def _release(self, driver: RunDriver, exc: BaseException) -> None:
+        """Give up a run cut off by cancellation, close() or an unexpected error, so that it
+        is not left owned until its lease expires (a crash would be the only other way)."""
+        if isinstance(exc, ConcurrentModificationError) or driver.status in TERMINAL_STATUSES:
+            return  # not ours any more, or already released with its end
+        if driver.status is WorkflowStatus.SUSPENDED:
+            return
+        release = Transition(
+            run_id=driver.id,
+            expected_version=driver.version,
+            updated_at=utcnow(),
+            fence=driver.fence,
+            release=True,
+        )
+        try:
+            # Shielded: a cancelled caller still gets its run released.
+            await asyncio.shield(self._store.apply(release))
+        except BaseException as failure:
+            self.emitter.log.warning(
+                f"{driver.label}: could not release the run after "
+                f"{type(exc).__name__}; it is recovered when its lease expires ({failure!r})"
+            )
 
     # -- running -----------------------------------------------------------------------------
 
@@ -382,14 +407,17 @@ class FluxEngine:
             fence=1,
             definition_version=definition.version,
         )
-        await self._store.create(
-            row, lease_owner=self.owner, lease_seconds=self.settings.lease_seconds
-        )
+        with naming(run_id, definition.name):
+            # A failed create may still have committed: the error names the run to look for.
+            await self._store.create(
+                row, lease_owner=self.owner, lease_seconds=self.settings.lease_seconds
+            )
         driver = self._driver(
             definition,
             run_id=run_id,
             input=typed,
             input_plain=plain,
+            input_text=input_text,
             version=1,
             fence=1,
             status=WorkflowStatus.PENDING,
@@ -398,8 +426,9 @@ class FluxEngine:
             signals={},
             started=started,
         )
-        await driver.event("workflow:start", status=WorkflowStatus.RUNNING.value, input=plain)
-        return await self._drive(driver, 0)
+        with naming(run_id, definition.name):
+            await driver.event("workflow:start", status=WorkflowStatus.RUNNING.value, input=plain)
+            return await self._drive(driver, 0)
 
     async def _load_for(self, definition: WorkflowDefinition, run_id: str) -> RunRow | None:
         row = await self._store.load(run_id)
@@ -436,96 +465,22 @@ class FluxEngine:
             InvalidInputError: the payload cannot be stored.
         """
         definition = self._definition(flow)
-        started = time.perf_counter()
-        run_id = _text_arg(run_id, "run id")
-        name = _text_arg(name, "signal name")
-        payload_text = encode(
-            payload, what=f"payload of signal {name!r}", max_size=self.settings.max_value_size
-        )
+        run_id = text_arg(run_id, "run id")
+        name = text_arg(name, "signal name")
         await self._ensure_ready()
-        row = await self._load_for(definition, run_id)
-        if row is None:
-            raise WorkflowNotFoundError(
-                f"Workflow not found: {run_id}", workflow_id=run_id, workflow_name=definition.name
-            )
-        waiting = self._waiting_row(row)
-        if waiting.waiting_for != name:
-            raise SignalMismatchError(
-                f"Workflow waiting for signal {waiting.waiting_for!r}, received {name!r}",
-                workflow_id=run_id,
-                workflow_name=definition.name,
-                step=waiting.name,
-                details={"expected": waiting.waiting_for, "received": name},
-            )
-        done = replace(
-            waiting, status=StepStatus.COMPLETED.value, completed_at=utcnow(), output=payload_text
-        )
-        try:
-            applied = await self._store.apply(
-                Transition(
-                    run_id=run_id,
-                    expected_version=row.version,
-                    updated_at=utcnow(),
-                    claim=claim_for(self.settings),
-                    status=WorkflowStatus.RUNNING.value,
-                    wait_name=None,
-                    update_step=replace(done, fence=row.fence + 1),
-                )
-            )
-        except ConcurrentModificationError:
-            fresh = await self._store.load(run_id)
-            if fresh is not None and fresh.status != WorkflowStatus.SUSPENDED.value:
-                raise WorkflowNotSuspendedError(
-                    f"Workflow is not suspended (status: {fresh.status}); another signal or "
-                    "operation got there first",
-                    workflow_id=run_id,
-                    workflow_name=definition.name,
-                    details={"status": fresh.status},
-                ) from None
-            raise
-        rows = {r.index: r for r in row.steps}
-        rows[done.index] = replace(done, fence=applied.fence)
-        driver = self._driver_from(
-            definition, row, applied, rows=rows, data=replay_data(rows.values())
-        )
-        driver.started = started
-        driver.status = WorkflowStatus.RUNNING
-        driver.signals[name] = decode(payload_text)
-        driver.current_step = done.index
-        await driver.event(
-            "signal:received",
-            step_name=done.name,
-            step_index=done.index,
-            status=WorkflowStatus.SUSPENDED.value,
-            input=driver.signals[name],
-            meta={"signal": name},
-        )
-        return await self._drive(driver, done.index + 1)
-
-    @staticmethod
-    def _waiting_row(row: RunRow) -> Any:
-        if row.status != WorkflowStatus.SUSPENDED.value:
-            raise WorkflowNotSuspendedError(
-                f"Workflow is not suspended (status: {row.status})",
-                workflow_id=row.id,
-                workflow_name=row.name,
-                details={"status": row.status},
-            )
-        for r in row.steps:
-            if r.index == row.current_step and r.status == StepStatus.SUSPENDED.value:
-                return r
-        raise WorkflowNotSuspendedError(
-            "Workflow state invalid: no suspended step found",
-            workflow_id=row.id,
-            workflow_name=row.name,
-            details={"status": row.status},
-        )
+        with naming(run_id, definition.name):
+            return await signal_run(self, definition, run_id, name, payload)
 
     async def resume(
         self, flow: FlowLike, run_id: str, from_step: int | str | None = None
     ) -> FluxResult | None:
         """Continue a stopped run from ``from_step`` (index or name; default: where it
         stopped), with ``ctx.data`` as it was when that step first started.
+
+        Without ``from_step``: a run that failed after a completed commit step continues
+        from the step after that commit step; a ``compensation_failed`` (or interrupted
+        ``rolling_back``) run retries the failed compensation and finishes its rollback,
+        never running forward steps. Earlier outcomes stay in :meth:`attempts`.
 
         Returns None when no run has this id.
 
@@ -534,12 +489,13 @@ class FluxEngine:
                 belong to this workflow as it is now.
             StepNotFoundError, InvalidStepIndexError: ``from_step`` names no step.
             CommittedStepError: ``from_step`` is a commit step that already completed.
-            InvalidStateError: an earlier step was already compensated (undone).
+            InvalidStateError: the run is completed or cancelled and no ``from_step`` was
+                given; ``from_step`` was given for a run in its rollback; or an earlier
+                step was already compensated (undone).
             RunBusyError: another executor is running the run now.
         """
         definition = self._definition(flow)
-        started = time.perf_counter()
-        run_id = _text_arg(run_id, "run id")
+        run_id = text_arg(run_id, "run id")
         if (from_step is not None and not isinstance(from_step, str | int)) or isinstance(
             from_step, bool
         ):
@@ -547,101 +503,46 @@ class FluxEngine:
                 f"from_step must be a step index, a step name or None, got {from_step!r}"
             )
         await self._ensure_ready()
-        row = await self._load_for(definition, run_id)
-        if row is None:
-            return None
-        start = self._start_index(definition, row, from_step)
-        rows = {r.index: r for r in row.steps}
-        undone = [
-            i
-            for i, r in rows.items()
-            if i < start
-            and r.status in (StepStatus.COMPENSATED.value, StepStatus.COMPENSATING.value)
-        ]
-        if undone:
-            first = min(undone)
-            raise InvalidStateError(
-                f"run {run_id!r} was rolled back: step {definition.steps[first].name!r} "
-                f"(index {first}) was already compensated; resume from index {first} or earlier",
-                workflow_id=run_id,
-                workflow_name=definition.name,
-                step=definition.steps[start].name,
-            )
-        keep = tuple(
-            i
-            for i, r in rows.items()
-            if i >= start and definition.steps[i].commit and r.status == StepStatus.COMPLETED.value
-        )
-        applied = await self._store.apply(
-            Transition(
-                run_id=run_id,
-                expected_version=row.version,
-                updated_at=utcnow(),
-                claim=claim_for(self.settings),
-                status=WorkflowStatus.PENDING.value,
-                current_step=start,
-                error=None,
-                completed_at=None,
-                wait_name=None,
-                delete_steps_from=start,
-                keep_steps=keep,
-            )
-        )
-        kept = {i: r for i, r in rows.items() if i < start or i in keep}
-        driver = self._driver_from(
-            definition,
-            row,
-            applied,
-            rows=kept,
-            data=replay_data(kept.values(), before=start),
-        )
-        driver.started = started
-        driver.status = WorkflowStatus.PENDING
-        return await self._drive(driver, start)
-
-    @staticmethod
-    def _start_index(
-        definition: WorkflowDefinition, row: RunRow, from_step: int | str | None
-    ) -> int:
-        count = len(definition.steps)
-        if from_step is None:
-            start = min(max(row.current_step, 0), count - 1)
-        elif isinstance(from_step, str):
-            try:
-                start = definition.step_names.index(from_step)
-            except ValueError:
-                raise StepNotFoundError(
-                    f"Step not found: {from_step}",
-                    workflow_id=row.id,
-                    workflow_name=definition.name,
-                    step=from_step,
-                ) from None
-        else:
-            if not 0 <= from_step < count:
-                raise InvalidStepIndexError(
-                    f"Invalid step index: {from_step} (the workflow has {count} steps)",
-                    workflow_id=row.id,
-                    workflow_name=definition.name,
-                    details={"index": from_step},
-                )
-            start = from_step
-        step = definition.steps[start]
-        recorded = next((r for r in row.steps if r.index == start), None)
-        if step.commit and recorded is not None and recorded.status == StepStatus.COMPLETED.value:
-            raise CommittedStepError(
-                f"step {step.name!r} is a commit step that already completed; it never runs "
-                "again in this run",
-                workflow_id=row.id,
-                workflow_name=definition.name,
-                step=step.name,
-            )
-        return start
+        with naming(run_id, definition.name):
+            row = await self._load_for(definition, run_id)
+            if row is None:
+                return None
+            return await resume_run(self, definition, row, from_step)
 
     async def retry_step(self, flow: FlowLike, run_id: str, step: str) -> FluxResult | None:
         """Run a run again from the named step (``resume`` from it)."""
         if not isinstance(step, str):
             raise InvalidArgumentError(f"step must be a step name, got {step!r}")
         return await self.resume(flow, run_id, from_step=step)
+
+    async def skip_compensation(
+        self, flow: FlowLike, run_id: str, step: str, *, note: str
+    ) -> FluxResult:
+        """Record the failed compensation of ``step`` as done by hand and finish the rollback.
+
+        For a ``compensation_failed`` run whose compensation of ``step`` an operator has
+        carried out outside the engine. ``note`` (why, by whom) is kept in the attempt log.
+
+        Raises:
+            WorkflowNotFoundError: no run with this id.
+            StepNotFoundError: the workflow has no such step.
+            InvalidStateError: the run is not ``compensation_failed``, or that step's
+                compensation did not fail.
+        """
+        definition = self._definition(flow)
+        run_id = text_arg(run_id, "run id")
+        step = text_arg(step, "step")
+        note = text_arg(note, "note")
+        await self._ensure_ready()
+        with naming(run_id, definition.name):
+            row = await self._load_for(definition, run_id)
+            if row is None:
+                raise WorkflowNotFoundError(
+                    f"Workflow not found: {run_id}",
+                    workflow_id=run_id,
+                    workflow_name=definition.name,
+                )
+            return await skip_compensation(self, definition, row, step, note)
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -661,10 +562,11 @@ class FluxEngine:
 
     async def get(self, run_id: str) -> WorkflowState | None:
         """The stored state of a run, or None."""
-        run_id = _text_arg(run_id, "run id")
+        run_id = text_arg(run_id, "run id")
         await self._ensure_ready()
-        row = await self._store.load(run_id)
-        return None if row is None else to_state(row, self._spec_for(row.name))
+        with naming(run_id, None):
+            row = await self._store.load(run_id)
+            return None if row is None else to_state(row, self._spec_for(row.name))
 
     async def list(self, filter: WorkflowFilter | None = None) -> list[WorkflowState]:
         """Runs matching ``filter`` (default: all), newest first."""
@@ -685,26 +587,31 @@ class FluxEngine:
         )
         return [to_state(r, self._spec_for(r.name)) for r in rows]
 
-    async def delete(self, run_id: str) -> bool:
-        """Delete a run and its history; False if there was none.
+    async def attempts(self, run_id: str) -> builtins.list[StepAttempt]:
+        """Every attempt of every step and compensation of a run, in the order they started.
+
+        Retried failures, compensations and the outcomes a ``resume``/``retry_step``
+        replaced are all kept; the history (``get``) shows only each step's current outcome.
 
         Raises:
-            RunBusyError: the run is being executed right now.
+            WorkflowNotFoundError: no run with this id.
         """
-        run_id = _text_arg(run_id, "run id")
+        run_id = text_arg(run_id, "run id")
         await self._ensure_ready()
-        row = await self._store.load(run_id)
-        if row is None:
-            return False
+        with naming(run_id, None):
+            return await list_attempts(self, run_id)
+
+    async def delete(self, run_id: str) -> bool:
+        """Delete a run with its history and attempts; False if there was none.
+
+        Raises:
+            RunBusyError: the run is being executed right now (by this or another engine).
+        """
+        run_id = text_arg(run_id, "run id")
+        await self._ensure_ready()
         if run_id in self._keeper.holding():
-            raise InvalidStateError(f"run {run_id!r} is being executed by this engine")
-        return await self._store.delete(run_id)
-
-
-def driver_error_text(driver: RunDriver) -> str:
-    """The stored error of the step whose failure started a rollback."""
-    for index in sorted(driver.rows):
-        row = driver.rows[index]
-        if row.status == StepStatus.FAILED.value:
-            return row.error or "step failed"
-    return "step failed"
+            raise RunBusyError(
+                f"run {run_id!r} is being executed by this engine", workflow_id=run_id
+            )
+        with naming(run_id, None):
+            return await self._store.delete(run_id)

@@ -6,7 +6,9 @@ code, a synchronous call) must not make the executor lose runs it is still drivi
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 from ._trace import _Log
 from .storage._base import Store
@@ -27,6 +29,7 @@ class LeaseKeeper:
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_renewal = time.monotonic()
 
     def hold(self, run_id: str, fence: int) -> None:
         """Start renewing ``run_id`` under ``fence``."""
@@ -62,19 +65,39 @@ class LeaseKeeper:
             lost = self._store.renew_leases(self._owner, fences, self._lease)
         except Exception as exc:
             # The next save checks the fence anyway; a failed renewal only risks expiry.
-            self._log.error("fluxrun: lease renewal failed", exc)
+            self._log.error("lease renewal failed", exc)
             return
         if lost:
             with self._guard:
                 self._lost |= {r for r in lost if r in self._held}
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._lease / 3):
+        interval = self._lease / 3
+        self._last_renewal = time.monotonic()
+        while not self._stop.wait(interval):
+            late = time.monotonic() - self._last_renewal - interval
+            if late > interval / 2 and self.holding():
+                # Something held the GIL (a long C call) or starved this thread: a renewal
+                # later than the lease lets another executor take the runs over.
+                self._log.warning(
+                    f"lease renewal ran {late:.1f}s late (lease {self._lease:g}s): a step "
+                    "may be holding the GIL in a long C call; runs are lost when a renewal "
+                    "comes after the lease expires. Use a longer lease."
+                )
             self.renew_now()
+            self._last_renewal = time.monotonic()
 
     def stop(self) -> None:
-        """Stop the renewal thread."""
+        """Stop the renewal thread (waiting at most 5 s for it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    async def stop_async(self, timeout: float = 5.0) -> None:
+        """Stop the renewal thread without blocking the event loop while it finishes."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            # A renewal stuck on a frozen database must not hold close() for long either.
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)

@@ -14,6 +14,7 @@ from .errors import InvalidArgumentError, SerializationError
 
 __all__ = [
     "FluxResult",
+    "StepAttempt",
     "StepExecution",
     "StepStatus",
     "WorkflowFilter",
@@ -50,6 +51,8 @@ class StepStatus(enum.StrEnum):
     COMPENSATED = "compensated"
 
 
+_MAX_INT64 = 2**63 - 1
+
 TERMINAL_STATUSES = frozenset(
     {
         WorkflowStatus.COMPLETED,
@@ -66,7 +69,10 @@ class StepExecution:
     """One entry of a run's history: what happened to one step.
 
     Timestamps are timezone-aware UTC datetimes; ``duration_ms`` spans all attempts and the
-    waits between them; ``retries`` counts the retries used (attempts - 1).
+    waits between them; ``retries`` counts the retries used (attempts - 1). For a failed step,
+    or a step whose compensation failed (status ``compensating``), ``error`` is the message,
+    ``error_type`` the exception's qualified class name (``"builtins.KeyError"``) and
+    ``traceback`` its formatted traceback (the last 16 KB).
     """
 
     name: str
@@ -80,6 +86,33 @@ class StepExecution:
     output: Any = None
     error: str | None = None
     retries: int = 0
+    error_type: str | None = None
+    traceback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One attempt of a step or of its compensation (``engine.attempts(run_id)``).
+
+    ``kind`` is ``"step"`` or ``"compensation"``; ``attempt`` is 1-based within one try of
+    the step (a ``resume`` starts again at 1). ``status``: ``completed``, ``failed``,
+    ``suspended`` (a step attempt that returned ``wait``), ``compensated``, or ``skipped``
+    (a compensation recorded as done by hand with ``skip_compensation``; ``note`` holds the
+    operator's note).
+    """
+
+    step: str
+    index: int
+    attempt: int
+    kind: str
+    status: StepStatus
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    duration_ms: float | None = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +182,9 @@ class WorkflowFilter:
         for label, value in (("limit", self.limit), ("offset", self.offset)):
             if value is None and label == "limit":
                 continue
-            if type(value) is not int or value < 0:
+            if type(value) is not int or not 0 <= value <= _MAX_INT64:
                 raise InvalidArgumentError(
-                    f"WorkflowFilter.{label} must be an int >= 0, got {value!r}"
+                    f"WorkflowFilter.{label} must be an int >= 0 and < 2**63, got {value!r}"
                 )
         object.__setattr__(self, "statuses", _parse_statuses(self.status))
 

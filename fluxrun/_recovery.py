@@ -7,9 +7,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ._definition import WorkflowDefinition
+from ._driver import rollback_data
 from ._records import FluxResult, WorkflowStatus
 from ._runner import claim_for, utcnow
-from ._state import apply_changes, replay_data
+from ._state import replay_data
 from .errors import ConcurrentModificationError, FluxError
 from .storage._base import Applied, RunRow, Transition
 
@@ -46,13 +47,13 @@ async def recover_runs(engine: FluxEngine, concurrency: int) -> list[FluxResult]
                     # Another executor took the run over (this one's lease lapsed) or
                     # changed it: it is theirs now, and the rest of the batch goes on.
                     engine.emitter.log.warning(
-                        f"fluxrun: stopped recovering run {row.name}/{row.id}: {exc}"
+                        f"stopped recovering run {row.name}/{row.id}: {exc}"
                     )
                 except Exception as exc:
                     # One run's failure (a storage error, say) must not abandon the
                     # others half-way; it stays recoverable for the next call.
                     engine.emitter.log.error(
-                        f"fluxrun: could not recover run {row.name}/{row.id}", exc
+                        f"could not recover run {row.name}/{row.id}", exc
                     )
                 return None
 
@@ -66,7 +67,7 @@ async def _recover_one(engine: FluxEngine, candidate: RunRow) -> FluxResult | No
     started = time.perf_counter()
     if tuple(candidate.step_names) != definition.step_names:
         engine.emitter.log.error(
-            f"fluxrun: cannot recover run {candidate.id!r}: workflow "
+            f"cannot recover run {candidate.id!r}: workflow "
             f"{candidate.name!r} changed its steps since the run started"
         )
         return None
@@ -85,7 +86,7 @@ async def _recover_one(engine: FluxEngine, candidate: RunRow) -> FluxResult | No
     if row is None or row.fence != applied.fence:
         return None
     engine.emitter.log.warning(
-        f"fluxrun: recovering run {row.name}/{row.id} (status {row.status}, attempt {row.claims})"
+        f"recovering run {row.name}/{row.id} (status {row.status}, attempt {row.claims})"
     )
     if row.claims > engine._max_recoveries:
         return await _give_up(engine, definition, row, applied, started)
@@ -93,14 +94,12 @@ async def _recover_one(engine: FluxEngine, candidate: RunRow) -> FluxResult | No
     if row.status == WorkflowStatus.ROLLING_BACK.value:
         failed = next((i for i in sorted(rows) if rows[i].status == "failed"), None)
         if failed is not None:
-            data = replay_data(rows.values(), before=failed)
-            for i in sorted(rows, reverse=True):
-                if i < failed:
-                    apply_changes(data, rows[i].compensation_changes)
+            data = rollback_data(rows.values(), failed)
             driver = engine._driver_from(definition, row, applied, rows=rows, data=data)
             driver.started = started
             driver.current_step = failed
-            return await engine._drive(driver, None, rollback_from=failed)
+            message = rows[failed].error or "step failed"
+            return await engine._drive(driver, None, rollback_from=(failed, message))
     start = 0
     while start in rows:
         start += 1
@@ -133,7 +132,7 @@ async def _give_up(
     await driver.save(
         status=WorkflowStatus.FAILED, error=message, completed_at=utcnow(), release=True
     )
-    engine.emitter.log.error(f"fluxrun: {row.name}/{row.id}: {message}")
+    engine.emitter.log.error(f"{row.name}/{row.id}: {message}")
     await driver.event(
         "workflow:error", status=WorkflowStatus.FAILED.value, error=message, duration_ms=0.0
     )

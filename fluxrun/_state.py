@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ._codec import decode
+from ._codec import decode, object_text, revive
 from ._definition import InputSpec
 from ._records import StepExecution, StepStatus, WorkflowState, WorkflowStatus
 from .storage._base import RunRow, StepRow
@@ -28,6 +28,8 @@ def entry(row: StepRow) -> StepExecution:
         output=None if row.output is None else decode(row.output),
         error=row.error,
         retries=row.retries,
+        error_type=row.error_type,
+        traceback=row.traceback,
     )
 
 
@@ -41,17 +43,30 @@ def history(step_names: Iterable[str], rows: Iterable[StepRow]) -> tuple[StepExe
 
 
 def changes_text(sets: dict[str, str], dels: Iterable[str]) -> str:
-    """Compose the ``changes`` JSON of a step from already-encoded values."""
-    body = ",".join(f"{json.dumps(k, ensure_ascii=False)}:{v}" for k, v in sets.items())
-    return '{"set":{' + body + '},"del":' + json.dumps(list(dels), ensure_ascii=False) + "}"
+    """Compose the ``changes`` JSON of a step from already-encoded values.
+
+    ``set`` holds the user's keys, so it is written as the codec writes any dict (a ``$flux``
+    key among them makes it the escaped pair form), never read back as a tagged value.
+    """
+    deleted = json.dumps(list(dels), ensure_ascii=False)
+    return '{"set":' + object_text(sets) + ',"del":' + deleted + "}"
 
 
 def apply_changes(data: dict[str, Any], changes: str | None) -> None:
     """Apply one step's recorded changes to ``data`` in place."""
     if changes is None:
         return
-    decoded = decode(changes)
-    data.update(decoded["set"])
+    try:
+        decoded = decode(changes)
+        sets = decoded["set"]
+    except ValueError:
+        sets = None
+    if type(sets) is not dict:
+        # Written before changes_text escaped a top-level "$flux" key, so decoding took the
+        # user's keys for a tag: read ``set`` as plain keys, reviving only their values.
+        decoded = json.loads(changes)
+        sets = {k: revive(v) for k, v in decoded["set"].items()}
+    data.update(sets)
     for key in decoded["del"]:
         data.pop(key, None)
 

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._engine import FlowLike, FluxEngine
-from ._records import FluxResult, WorkflowFilter, WorkflowState
+from ._records import FluxResult, StepAttempt, WorkflowFilter, WorkflowState
 from .errors import InvalidStateError
 
 __all__ = ["SyncFluxEngine"]
@@ -71,6 +71,17 @@ class SyncFluxEngine:
         """Run again from a step (see :meth:`FluxEngine.retry_step`)."""
         return self._call(self.engine.retry_step(flow, run_id, step))
 
+    def skip_compensation(
+        self, flow: FlowLike, run_id: str, step: str, *, note: str
+    ) -> FluxResult:
+        """Record a failed compensation as done by hand (see
+        :meth:`FluxEngine.skip_compensation`)."""
+        return self._call(self.engine.skip_compensation(flow, run_id, step, note=note))
+
+    def attempts(self, run_id: str) -> list[StepAttempt]:
+        """Every attempt of a run (see :meth:`FluxEngine.attempts`)."""
+        return self._call(self.engine.attempts(run_id))
+
     def recover(self) -> list[FluxResult]:
         """Finish interrupted runs (see :meth:`FluxEngine.recover`)."""
         return self._call(self.engine.recover())
@@ -87,12 +98,12 @@ class SyncFluxEngine:
         """Delete a run (see :meth:`FluxEngine.delete`)."""
         return self._call(self.engine.delete(run_id))
 
-    def close(self) -> None:
-        """Close the engine and stop the background loop."""
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Close the engine and stop the background loop (see :meth:`FluxEngine.close`)."""
         if getattr(self, "_closed", True):
             return
         try:
-            self._call(self.engine.close())
+            self._call(self.engine.close(timeout=timeout))
         finally:
             self._closed = True
             self._stop()

@@ -149,8 +149,11 @@ class _Log:
     def info(self, message: str) -> None:
         self._safe(self._logger.info, message)
 
-    def warning(self, message: str) -> None:
-        self._safe(self._warn, message)
+    def warning(self, message: str, exc: BaseException | None = None) -> None:
+        if self._is_std:
+            self._safe(self._warn, message, exc)
+        else:
+            self._safe(self._warn, message)
 
     def error(self, message: str, exc: BaseException | None = None) -> None:
         if self._is_std:
@@ -198,7 +201,7 @@ class Emitter:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                self.log.error(f"fluxrun: trace sink {sink!r} failed on {event.type}", exc)
+                self.log.error(f"trace sink {sink!r} failed on {event.type}", exc)
 
     async def hook(self, name: str, *args: Any) -> None:
         """Call hook ``name`` if set; a failing hook is logged, never raised."""
@@ -210,11 +213,11 @@ class Emitter:
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            self.log.error(f"fluxrun: hook {name} failed", exc)
+            self.log.error(f"hook {name} failed", exc)
 
 
 def _describe(event: FluxTraceEvent) -> str:
-    parts = [f"fluxrun {event.type} {event.workflow_name}/{event.workflow_id}"]
+    parts = [f"{event.type} {event.workflow_name}/{event.workflow_id}"]
     if event.step_name is not None:
         parts.append(f"step={event.step_name}")
     if event.status is not None:

@@ -17,6 +17,7 @@ The tree::
     ├── StepNotFoundError               no step with that name
     ├── InvalidStepIndexError           step index out of range
     ├── InvalidStateError               the run's status does not allow the operation
+    │   └── EngineClosedError           the engine closed while it was driving the run
     ├── CommittedStepError              a completed commit step cannot run again
     ├── StepTimeoutError                an attempt ran past its timeout
     ├── NonRetryableError               raised by a step to skip its remaining attempts
@@ -41,6 +42,7 @@ __all__ = [
     "ConcurrentModificationError",
     "DefinitionError",
     "EmptyWorkflowError",
+    "EngineClosedError",
     "FluxError",
     "InvalidArgumentError",
     "InvalidInputError",
@@ -92,6 +94,23 @@ class FluxError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only attributes would be lost by the default pickling of exceptions.
         return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+
+def with_run(error: BaseException, run_id: str, workflow_name: str | None = None) -> None:
+    """Make a FluxError raised while handling run ``run_id`` name that run.
+
+    Sets ``workflow_id`` (and ``workflow_name``) when missing and prefixes the message with
+    the run id when it does not mention it, so a caller that retries knows the run exists.
+    """
+    if not isinstance(error, FluxError):
+        return
+    if error.workflow_id is None:
+        error.workflow_id = run_id
+    if error.workflow_name is None:
+        error.workflow_name = workflow_name
+    if run_id not in error.message:
+        error.message = f"run {run_id!r}: {error.message}"
+        error.args = (error.message, *error.args[1:])
 
 
 def _rebuild(cls: type[FluxError], message: str, state: dict[str, Any]) -> FluxError:
@@ -155,6 +174,13 @@ class InvalidStepIndexError(FluxError, IndexError):
 
 class InvalidStateError(FluxError):
     """The run's current status does not allow the requested operation."""
+
+
+class EngineClosedError(InvalidStateError):
+    """The engine was closed while it drove the run; the run was left for another engine.
+
+    The run is released (not owned), so ``recover()`` of any engine continues it at once.
+    """
 
 
 class CommittedStepError(FluxError):

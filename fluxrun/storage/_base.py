@@ -29,6 +29,7 @@ __all__ = [
     "KEEP",
     "RECOVERABLE_STATUSES",
     "Applied",
+    "AttemptRow",
     "Claim",
     "Keep",
     "ListQuery",
@@ -37,6 +38,7 @@ __all__ = [
     "Store",
     "Transition",
     "check_transition",
+    "delete_busy_error",
     "transition_error",
 ]
 
@@ -83,6 +85,34 @@ class StepRow:
     changes: str | None = None
     compensation_changes: str | None = None
     fence: int = 0
+    error_type: str | None = None
+    traceback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One finished attempt of a step or of its compensation, kept for ``engine.attempts``.
+
+    The *final* forward attempt of a step whose row is still in ``flux_steps`` is not stored
+    here (the step row is that attempt); every other attempt is: retried failures, each
+    compensation attempt, and the rows a ``resume``/``retry_step`` replaced. ``kind`` is
+    ``"step"`` or ``"compensation"``; ``status`` a :class:`StepStatus` value (``failed``,
+    ``completed``, ``suspended``, ``skipped``, ``compensated``). ``seq`` is assigned by the
+    store (insertion order within the run); writers leave it 0.
+    """
+
+    index: int
+    name: str
+    attempt: int
+    kind: str
+    status: str
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    duration_ms: float | None = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +168,11 @@ class Transition:
     rows ``>= delete_steps_from`` are deleted except those in ``keep_steps``; ``insert_step``
     is inserted (a row already at that index makes the whole transition fail with
     ``ConcurrentModificationError``: a step result is recorded once); ``update_step``
-    replaces the row at its index (which must exist). ``renew_lease`` extends an owned lease;
+    replaces the row at its index (which must exist); ``attempts`` are appended to the run's
+    attempt log (in the order given). ``renew_lease`` extends an owned lease;
     ``release`` clears owner and lease and sets ``claims`` to 0; recording a step outcome
-    (progress) sets it to 1 (the current claim), so ``claims`` counts the claims since the
-    run last moved forward.
+    (progress: ``insert_step`` or ``update_step`` without a ``claim``) sets it to 1 (the
+    current claim), so ``claims`` counts the claims since the run last moved forward.
     ``version`` rises by one.
     """
 
@@ -161,6 +192,7 @@ class Transition:
     keep_steps: tuple[int, ...] = ()
     renew_lease: float | None = None
     release: bool = False
+    attempts: tuple[AttemptRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +258,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, run_id: str) -> bool:
-        """Delete a run and its rows; False if it did not exist."""
+        """Delete a run with its step and attempt rows; False if it did not exist.
+
+        Raises:
+            RunBusyError: a live lease owns the run (another executor is running it).
+        """
+
+    @abc.abstractmethod
+    async def list_attempts(self, run_id: str) -> list[AttemptRow]:
+        """The run's attempt log (see :class:`AttemptRow`), oldest first, ``seq`` filled in."""
 
     @abc.abstractmethod
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
@@ -263,7 +303,17 @@ def transition_error(
     t: Transition,
     now: dt.datetime,
 ) -> ConcurrentModificationError | None:
-    """The error a transition gets against a run in this state, or None if it applies."""
+    """The error a transition gets against a run in this state, or None if it applies.
+
+    A fenced write whose fence moved gets :class:`LeaseLostError` even if the version moved
+    too: the writer lost the run, which is what it must learn (not to retry on a new version).
+    """
+    if t.fence is not None and fence != t.fence:
+        return LeaseLostError(
+            f"run {run_id!r} was claimed by another executor (fence {fence}, ours {t.fence})",
+            workflow_id=run_id,
+            workflow_name=name,
+        )
     if version != t.expected_version:
         return ConcurrentModificationError(
             f"run {run_id!r} is at version {version}, not {t.expected_version}; "
@@ -271,17 +321,19 @@ def transition_error(
             workflow_id=run_id,
             workflow_name=name,
         )
-    if t.fence is not None:
-        if fence != t.fence:
-            return LeaseLostError(
-                f"run {run_id!r} was claimed by another executor (fence {fence}, ours {t.fence})",
-                workflow_id=run_id,
-                workflow_name=name,
-            )
-    elif owner is not None and lease_until is not None and lease_until > now:
+    if t.fence is None and owner is not None and lease_until is not None and lease_until > now:
         return RunBusyError(
             f"run {run_id!r} is being executed by {owner!r} right now",
             workflow_id=run_id,
             workflow_name=name,
         )
     return None
+
+
+def delete_busy_error(run_id: str, name: str | None, owner: str | None) -> RunBusyError:
+    """The error :meth:`Store.delete` raises for a run a live lease owns."""
+    return RunBusyError(
+        f"run {run_id!r} cannot be deleted: it is being executed by {owner!r} right now",
+        workflow_id=run_id,
+        workflow_name=name,
+    )

@@ -1,4 +1,5 @@
-"""Reading and writing :class:`RunRow`/:class:`StepRow` as SQL tuples, shared by the SQL stores.
+"""Reading and writing :class:`RunRow`/:class:`StepRow`/:class:`AttemptRow` as SQL tuples,
+shared by the SQL stores.
 
 Both SQL stores select the columns in the order below; they differ only in how a timestamp
 is written and read (integer microseconds in SQLite, ``timestamptz`` in PostgreSQL), which
@@ -12,9 +13,18 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._base import RunRow, StepRow
+from ._base import AttemptRow, RunRow, StepRow
 
-__all__ = ["RUN_COLUMNS", "STEP_COLUMNS", "run_from", "step_fields", "step_from"]
+__all__ = [
+    "ATTEMPT_COLUMNS",
+    "RUN_COLUMNS",
+    "STEP_COLUMNS",
+    "attempt_fields",
+    "attempt_from",
+    "run_from",
+    "step_fields",
+    "step_from",
+]
 
 RUN_COLUMNS = (
     "id",
@@ -53,8 +63,26 @@ STEP_COLUMNS = (
     "changes",
     "compensation_changes",
     "fence",
+    "error_type",
+    "traceback",
 )
 """The order in which the stores select a step row's columns (``step_fields`` skips idx)."""
+
+ATTEMPT_COLUMNS = (
+    "seq",
+    "idx",
+    "name",
+    "attempt",
+    "kind",
+    "status",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "error_type",
+    "error",
+    "traceback",
+)
+"""The order in which the stores select an attempt's columns (``attempt_fields`` skips seq)."""
 
 Read = Callable[[Any], dt.datetime | None]
 Write = Callable[[dt.datetime | None], Any]
@@ -77,6 +105,8 @@ def step_fields(s: StepRow, when: Write) -> tuple[Any, ...]:
         s.changes,
         s.compensation_changes,
         s.fence,
+        s.error_type,
+        s.traceback,
     )
 
 
@@ -98,6 +128,43 @@ def step_from(r: Sequence[Any], when: Read) -> StepRow:
         changes=r[12],
         compensation_changes=r[13],
         fence=r[14],
+        error_type=r[15],
+        traceback=r[16],
+    )
+
+
+def attempt_fields(a: AttemptRow, when: Write) -> tuple[Any, ...]:
+    """An attempt's values in ``ATTEMPT_COLUMNS`` order, without ``seq``."""
+    return (
+        a.index,
+        a.name,
+        a.attempt,
+        a.kind,
+        a.status,
+        when(a.started_at),
+        when(a.finished_at),
+        a.duration_ms,
+        a.error_type,
+        a.error,
+        a.traceback,
+    )
+
+
+def attempt_from(r: Sequence[Any], when: Read) -> AttemptRow:
+    """An attempt from values selected in ``ATTEMPT_COLUMNS`` order."""
+    return AttemptRow(
+        seq=r[0],
+        index=r[1],
+        name=r[2],
+        attempt=r[3],
+        kind=r[4],
+        status=r[5],
+        started_at=when(r[6]),
+        finished_at=when(r[7]),
+        duration_ms=r[8],
+        error_type=r[9],
+        error=r[10],
+        traceback=r[11],
     )
 
 

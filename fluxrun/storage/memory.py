@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -12,11 +13,21 @@ from ._base import (
     KEEP,
     RECOVERABLE_STATUSES,
     Applied,
+    AttemptRow,
     ListQuery,
     RunRow,
     Store,
     Transition,
     check_transition,
+    delete_busy_error,
+)
+from ._limits import (
+    check_new_run,
+    check_transition_numbers,
+    lease_expiry,
+    page,
+    row_limit,
+    usable_fences,
 )
 
 __all__ = ["MemoryStorage"]
@@ -27,12 +38,13 @@ _UTC = dt.UTC
 class _Run:
     """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
 
-    __slots__ = ("row", "seq", "steps")
+    __slots__ = ("attempts", "row", "seq", "steps")
 
     def __init__(self, row: RunRow, seq: int) -> None:
         self.row = row
         self.seq = seq
         self.steps: dict[int, object] = {}
+        self.attempts: list[AttemptRow] = []
 
 
 class MemoryStorage(Store):
@@ -69,6 +81,7 @@ class MemoryStorage(Store):
 
     async def create(self, run: RunRow, *, lease_owner: str | None, lease_seconds: float) -> None:
         """Insert a new run."""
+        check_new_run(run)
         with self._lock:
             if run.id in self._runs:
                 raise ConcurrentModificationError(
@@ -76,7 +89,7 @@ class MemoryStorage(Store):
                 )
             lease = None
             if lease_owner is not None:
-                lease = self._now() + dt.timedelta(seconds=lease_seconds)
+                lease = lease_expiry(self._now(), lease_seconds)
             self._seq += 1
             stored = _replace(
                 run,
@@ -89,6 +102,7 @@ class MemoryStorage(Store):
 
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition atomically."""
+        check_transition_numbers(t)
         with self._lock:
             entry = self._runs.get(t.run_id)
             if entry is None:
@@ -126,13 +140,13 @@ class MemoryStorage(Store):
             if t.claim is not None:
                 fence += 1
                 owner = t.claim.owner
-                lease = now + dt.timedelta(seconds=t.claim.lease_seconds)
+                lease = lease_expiry(now, t.claim.lease_seconds)
                 claims += 1
             elif t.renew_lease is not None:
-                lease = now + dt.timedelta(seconds=t.renew_lease)
+                lease = lease_expiry(now, t.renew_lease)
             if t.release:
                 owner, lease, claims = None, None, 0
-            elif t.insert_step is not None and t.claim is None:
+            elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
                 claims = 1  # progress: only the current claim counts now
             changes.update(fence=fence, owner=owner, lease_until=lease, claims=claims)
             for name in ("status", "current_step", "error", "completed_at", "wait_name"):
@@ -147,6 +161,8 @@ class MemoryStorage(Store):
                 steps[t.insert_step.index] = t.insert_step
             if t.update_step is not None:
                 steps[t.update_step.index] = t.update_step
+            for attempt in t.attempts:
+                entry.attempts.append(dataclasses.replace(attempt, seq=len(entry.attempts) + 1))
             entry.row = _replace(row, **changes)
             return Applied(version=row.version + 1, fence=fence)
 
@@ -162,6 +178,7 @@ class MemoryStorage(Store):
 
     async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs matching ``query``, newest first."""
+        limit, offset = page(query)
         with self._lock:
             statuses = None if query.statuses is None else {s.value for s in query.statuses}
             found = [
@@ -171,16 +188,40 @@ class MemoryStorage(Store):
                 and (statuses is None or e.row.status in statuses)
             ]
             found.sort(key=lambda e: (e.row.created_at, e.seq), reverse=True)
-            end = None if query.limit is None else query.offset + query.limit
-            return [self._snapshot(e) for e in found[query.offset : end]]
+            end = None if limit is None else offset + limit
+            return [self._snapshot(e) for e in found[offset:end]]
 
     async def delete(self, run_id: str) -> bool:
-        """Delete a run; False if it did not exist."""
+        """Delete a run with its steps and attempts; False if it did not exist.
+
+        Raises:
+            RunBusyError: a live lease owns the run.
+        """
         with self._lock:
-            return self._runs.pop(run_id, None) is not None
+            entry = self._runs.get(run_id)
+            if entry is None:
+                return False
+            row = entry.row
+            if row.owner is not None and row.lease_until is not None:
+                if row.lease_until > self._now():
+                    raise delete_busy_error(run_id, row.name, row.owner)
+            del self._runs[run_id]
+            return True
+
+    def _evict(self, run_id: str) -> None:
+        """Drop a run whatever its lease (the whole-state adapter forgets a failed write)."""
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    async def list_attempts(self, run_id: str) -> list[AttemptRow]:
+        """The run's attempt log, oldest first (empty for an unknown run)."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            return [] if entry is None else list(entry.attempts)
 
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
         """Unfinished runs of these workflows that no live lease protects."""
+        limit = row_limit(limit, "limit")
         with self._lock:
             now = self._now()
             wanted = set(names)
@@ -196,9 +237,9 @@ class MemoryStorage(Store):
 
     def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
         """Extend ``owner``'s leases; return the runs it no longer owns."""
-        lost: set[str] = set()
+        fences, lost = usable_fences(fences)
         with self._lock:
-            until = self._now() + dt.timedelta(seconds=lease_seconds)
+            until = lease_expiry(self._now(), lease_seconds)
             for run_id, fence in fences.items():
                 entry = self._runs.get(run_id)
                 if entry is None or entry.row.fence != fence or entry.row.owner != owner:

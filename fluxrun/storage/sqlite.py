@@ -14,21 +14,40 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
-from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError
+from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
 from ._base import (
     KEEP,
     RECOVERABLE_STATUSES,
     Applied,
+    AttemptRow,
     ListQuery,
     RunRow,
     StepRow,
     Store,
     Transition,
+    delete_busy_error,
     transition_error,
 )
+from ._limits import (
+    check_new_run,
+    check_transition_numbers,
+    lease_seconds,
+    page,
+    row_limit,
+    usable_fences,
+)
 from ._migrations import migrations
-from ._rows import RUN_COLUMNS, STEP_COLUMNS, run_from, step_fields, step_from
+from ._rows import (
+    ATTEMPT_COLUMNS,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    attempt_fields,
+    attempt_from,
+    run_from,
+    step_fields,
+    step_from,
+)
 
 __all__ = ["SQLiteStorage"]
 
@@ -41,14 +60,23 @@ _RUN_COLUMNS = ", ".join(RUN_COLUMNS)
 _STEP_COLUMNS = ", ".join(STEP_COLUMNS)
 _INSERT_STEP = (
     "INSERT INTO flux_steps (run_id, " + _STEP_COLUMNS + ") "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "VALUES (?, " + ", ".join("?" * len(STEP_COLUMNS)) + ")"
 )
 _UPDATE_STEP = (
-    "UPDATE flux_steps SET name = ?, status = ?, started_at = ?, completed_at = ?, "
-    "suspended_at = ?, compensated_at = ?, waiting_for = ?, duration_ms = ?, output = ?, "
-    "error = ?, retries = ?, changes = ?, compensation_changes = ?, fence = ? "
-    "WHERE run_id = ? AND idx = ?"
+    "UPDATE flux_steps SET "
+    + ", ".join(c + " = ?" for c in STEP_COLUMNS[1:])
+    + " WHERE run_id = ? AND idx = ?"
 )
+_ATTEMPT_COLUMNS = ", ".join(ATTEMPT_COLUMNS)
+# seq is the next number within the run; the transition holds the write lock, so no race.
+_INSERT_ATTEMPT = (
+    "INSERT INTO flux_attempts (run_id, " + _ATTEMPT_COLUMNS + ") VALUES (?, "
+    "(SELECT coalesce(max(seq), 0) + 1 FROM flux_attempts WHERE run_id = ?), "
+    + ", ".join("?" * (len(ATTEMPT_COLUMNS) - 1))
+    + ")"
+)
+#: Microseconds of the latest time a datetime can hold: a lease expiry never goes past it.
+_MAX_MICROS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // _MICRO
 
 
 def to_micros(value: dt.datetime | None) -> int | None:
@@ -73,6 +101,18 @@ def _run_row(r: tuple[Any, ...], steps: tuple[StepRow, ...] = ()) -> RunRow:
     return run_from(r, from_micros, steps)
 
 
+def _duplicate(exc: sqlite3.IntegrityError) -> bool:
+    """Whether a constraint failure is a duplicate key (not, say, a CHECK on JSON text)."""
+    return getattr(exc, "sqlite_errorcode", None) in (
+        1555,  # SQLITE_CONSTRAINT_PRIMARYKEY
+        2067,  # SQLITE_CONSTRAINT_UNIQUE
+    )
+
+
+def _about(run_id: str | None) -> str:
+    return "" if run_id is None else f" of run {run_id!r}"
+
+
 class SQLiteStorage(Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
@@ -83,7 +123,8 @@ class SQLiteStorage(Store):
     waits for a lock.
 
     Args:
-        path: The database file (created if missing), or ``":memory:"``.
+        path: The database file (created if missing, in a directory that must exist), or
+            ``":memory:"``.
         synchronous: ``"FULL"`` (default) makes every commit durable on power loss;
             ``"NORMAL"`` is faster and may lose the last commits on power loss (never on a
             process crash) and is still consistent.
@@ -139,10 +180,20 @@ class SQLiteStorage(Store):
     def _now_us(self) -> int:
         return int(self._clock() * 1_000_000)
 
+    def _lease_until(self, now_us: int, seconds: float) -> int:
+        """The expiry of a lease of ``seconds`` from ``now_us``, clamped to a datetime."""
+        return min(now_us + int(lease_seconds(seconds) * 1_000_000), _MAX_MICROS)
+
     def _open(self, busy_ms: int) -> sqlite3.Connection:
-        if self.path != ":memory:":
+        if self.path not in (":memory:", ""):
+            # Never create directories: a path in a missing one is most likely a mistake
+            # (a typo, an unmounted volume), and silently creating it would hide the runs.
             parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
+            if not os.path.isdir(parent):
+                raise _StorageError(
+                    f"SQLiteStorage cannot open {self.path!r}: the directory {parent!r} "
+                    "does not exist (fluxrun creates no directories; create it first)"
+                )
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
         # PRAGMA takes no bound parameters: both values come from checked settings.
         conn.execute("PRAGMA busy_timeout = " + str(int(busy_ms)))
@@ -171,29 +222,43 @@ class SQLiteStorage(Store):
         return self._fast
 
     def _guarded(
-        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], what: str
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[[sqlite3.Connection], T],
+        what: str,
+        run_id: str | None = None,
     ) -> T:
         try:
             return fn(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError) as exc:
+            # OverflowError: a number the driver cannot bind; the stores check the numbers
+            # they know of, this keeps any other from escaping as a bare driver error.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise _StorageError(f"SQLite {what} failed on {self.path!r}: {exc}") from exc
+            raise _StorageError(
+                f"SQLite {what}{_about(run_id)} failed on {self.path!r}: {exc}",
+                workflow_id=run_id,
+            ) from exc
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
 
-    def _locked(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+    def _locked(
+        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None = None
+    ) -> T:
         with self._lock:
             try:
                 conn = self._connect()
             except (sqlite3.Error, OSError) as exc:
-                raise _StorageError(f"SQLite cannot open {self.path!r}: {exc}") from exc
-            return self._guarded(conn, fn, what)
+                raise _StorageError(
+                    f"SQLite cannot open {self.path!r} for {what}{_about(run_id)}: {exc}",
+                    workflow_id=run_id,
+                ) from exc
+            return self._guarded(conn, fn, what, run_id)
 
     def _try_on_loop(
-        self, fn: Callable[[sqlite3.Connection], T], what: str
+        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None
     ) -> tuple[bool, T | None]:
         """Run ``fn`` right here if nothing has to be waited for; (False, None) if it must wait."""
         if not self._lock.acquire(blocking=False):
@@ -204,7 +269,7 @@ class SQLiteStorage(Store):
             except (sqlite3.Error, OSError):
                 return False, None  # the thread path reports the error with the full wait
             try:
-                return True, self._guarded(conn, fn, what)
+                return True, self._guarded(conn, fn, what, run_id)
             except _StorageError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, sqlite3.OperationalError) and (
@@ -215,17 +280,24 @@ class SQLiteStorage(Store):
         finally:
             self._lock.release()
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None = None
+    ) -> T:
         # A commit here costs ~0.1-0.2 ms, less than handing it to a thread, so it runs on
         # the event loop when the database is free; when another process holds the write
         # lock it is retried on the store's thread, so the loop never waits for a lock.
-        done, result = self._try_on_loop(fn, what)
-        if done:
-            return result  # type: ignore[return-value]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="fluxrun-sqlite")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._locked, fn, what)
+        try:
+            done, result = self._try_on_loop(fn, what, run_id)
+            if done:
+                return result  # type: ignore[return-value]
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fluxrun-sqlite")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._locked, fn, what, run_id)
+        except _StorageError as exc:
+            if run_id is not None:
+                with_run(exc, run_id)  # e.g. "closed" or a missing directory: name the run
+            raise
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -268,11 +340,12 @@ class SQLiteStorage(Store):
 
     async def create(self, run: RunRow, *, lease_owner: str | None, lease_seconds: float) -> None:
         """Insert a new run."""
+        check_new_run(run)
 
         def insert(conn: sqlite3.Connection) -> None:
             lease = None
             if lease_owner is not None:
-                lease = self._now_us() + int(lease_seconds * 1_000_000)
+                lease = self._lease_until(self._now_us(), lease_seconds)
             try:
                 conn.execute(
                     "INSERT INTO flux_runs (" + _RUN_COLUMNS + ") "
@@ -298,15 +371,18 @@ class SQLiteStorage(Store):
                     ),
                 )
             except sqlite3.IntegrityError as exc:
+                if not _duplicate(exc):
+                    raise  # a CHECK (JSON) failure: a StorageError naming the run
                 raise ConcurrentModificationError(
                     f"a run with id {run.id!r} already exists", workflow_id=run.id
                 ) from exc
 
-        await self._run(insert, "create")
+        await self._run(insert, "create", run.id)
 
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition in one ``BEGIN IMMEDIATE`` transaction."""
-        return await self._run(lambda conn: self._apply(conn, t), "step commit")
+        check_transition_numbers(t)
+        return await self._run(lambda conn: self._apply(conn, t), "step commit", t.run_id)
 
     def _apply(self, conn: sqlite3.Connection, t: Transition) -> Applied:
         now = self._now_us()
@@ -322,13 +398,13 @@ class SQLiteStorage(Store):
             wparams.append(now)
         if t.claim is not None:
             sets += ["fence = fence + 1", "owner = ?", "lease_until = ?", "claims = claims + 1"]
-            params += [t.claim.owner, now + int(t.claim.lease_seconds * 1_000_000)]
+            params += [t.claim.owner, self._lease_until(now, t.claim.lease_seconds)]
         elif t.renew_lease is not None:
             sets.append("lease_until = ?")
-            params.append(now + int(t.renew_lease * 1_000_000))
+            params.append(self._lease_until(now, t.renew_lease))
         if t.release:
             sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
-        elif t.insert_step is not None and t.claim is None:
+        elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
             sets.append("claims = 1")  # progress: only the current claim counts now
         for column in ("status", "current_step", "error", "wait_name"):
             value = getattr(t, column)
@@ -364,6 +440,8 @@ class SQLiteStorage(Store):
             try:
                 conn.execute(_INSERT_STEP, (t.run_id, s.index, *_step_values(s)))
             except sqlite3.IntegrityError as exc:
+                if not _duplicate(exc):
+                    raise
                 conn.execute("ROLLBACK")
                 raise ConcurrentModificationError(
                     f"step {s.index} of run {t.run_id!r} is already recorded",
@@ -378,6 +456,11 @@ class SQLiteStorage(Store):
                     f"step {s.index} of run {t.run_id!r} has no recorded outcome",
                     workflow_id=t.run_id,
                 )
+        if t.attempts:
+            conn.executemany(
+                _INSERT_ATTEMPT,
+                [(t.run_id, t.run_id, *attempt_fields(a, to_micros)) for a in t.attempts],
+            )
         conn.execute("COMMIT")
         return Applied(version=row[0], fence=row[1])
 
@@ -407,16 +490,35 @@ class SQLiteStorage(Store):
         )
 
     async def delete(self, run_id: str) -> bool:
-        """Delete a run and its step rows."""
+        """Delete a run with its step and attempt rows, unless a live lease owns it.
+
+        Raises:
+            RunBusyError: a live lease (by the store's clock) owns the run.
+        """
 
         def remove(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "DELETE FROM flux_runs WHERE id = ? AND "
+                "(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)",
+                (run_id, self._now_us()),
+            )
+            if cur.rowcount == 0:
+                # Nothing deleted: either no such run, or a live lease protects it.
+                found = conn.execute(
+                    "SELECT name, owner FROM flux_runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                conn.execute("ROLLBACK")
+                if found is None:
+                    return False
+                raise delete_busy_error(run_id, found[0], found[1])
+            # The foreign keys cascade; deleting explicitly does not depend on that pragma.
             conn.execute("DELETE FROM flux_steps WHERE run_id = ?", (run_id,))
-            cur = conn.execute("DELETE FROM flux_runs WHERE id = ?", (run_id,))
+            conn.execute("DELETE FROM flux_attempts WHERE run_id = ?", (run_id,))
             conn.execute("COMMIT")
-            return cur.rowcount > 0
+            return True
 
-        return await self._run(remove, "delete")
+        return await self._run(remove, "delete", run_id)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -440,10 +542,23 @@ class SQLiteStorage(Store):
             finally:
                 conn.execute("COMMIT")
 
-        return await self._run(read, "load")
+        return await self._run(read, "load", run_id)
+
+    async def list_attempts(self, run_id: str) -> list[AttemptRow]:
+        """The run's attempt log, oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[AttemptRow]:
+            rows = conn.execute(
+                "SELECT " + _ATTEMPT_COLUMNS + " FROM flux_attempts WHERE run_id = ? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+            return [attempt_from(r, from_micros) for r in rows]
+
+        return await self._run(read, "list_attempts", run_id)
 
     async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs matching ``query``, newest first; filter values are always bound."""
+        limit, offset = page(query)
 
         def read(conn: sqlite3.Connection) -> list[RunRow]:
             where: list[str] = []
@@ -460,7 +575,7 @@ class SQLiteStorage(Store):
             if where:
                 sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
-            params += [-1 if query.limit is None else query.limit, query.offset]
+            params += [-1 if limit is None else limit, offset]
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(sql, params).fetchall()
@@ -472,6 +587,7 @@ class SQLiteStorage(Store):
 
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
         """Unfinished runs of these workflows that no live lease protects."""
+        limit = row_limit(limit, "limit")
 
         def read(conn: sqlite3.Connection) -> list[RunRow]:
             if not names:
@@ -493,11 +609,12 @@ class SQLiteStorage(Store):
     def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
         """Extend ``owner``'s leases in one transaction; return the runs it lost."""
 
+        usable, lost = usable_fences(fences)
+
         def renew(conn: sqlite3.Connection) -> set[str]:
-            until = self._now_us() + int(lease_seconds * 1_000_000)
-            lost: set[str] = set()
+            until = self._lease_until(self._now_us(), lease_seconds)
             conn.execute("BEGIN IMMEDIATE")
-            for run_id, fence in fences.items():
+            for run_id, fence in usable.items():
                 cur = conn.execute(
                     "UPDATE flux_runs SET lease_until = ? WHERE id = ? AND fence = ? AND owner = ?",
                     (until, run_id, fence, owner),
@@ -507,8 +624,8 @@ class SQLiteStorage(Store):
             conn.execute("COMMIT")
             return lost
 
-        if not fences:
-            return set()
+        if not usable:
+            return lost
         return self._locked(renew, "lease renewal")
 
     def integrity_check(self) -> str:

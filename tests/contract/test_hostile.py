@@ -158,6 +158,11 @@ async def test_hostile_ids_are_stored_loaded_and_deleted_exactly(
     lost = await renew(store, "w", dict.fromkeys(HOSTILE_IDS, 1))
     assert lost == set()
     assert await renew(store, "w", {"%": 2, "_": 1}) == {"%"}
+    # A live lease protects a run from deletion: let go of them first.
+    for run_id in HOSTILE_IDS:
+        await store.apply(
+            Transition(run_id=run_id, expected_version=2, updated_at=at(60), fence=1, release=True)
+        )
     # Deleting one removes exactly that one.
     for gone, run_id in enumerate(HOSTILE_IDS, start=1):
         assert await store.delete(run_id) is True

@@ -1,12 +1,12 @@
 """Model-based test of the store protocol: SQLite and PostgreSQL against MemoryStorage.
 
 A Hypothesis state machine drives random sequences of store calls (create; apply with random
-transitions: status and column changes, step inserts, updates and deletes, claims by two
-logical owners, renewals, releases, stale versions and stale fences; load; list_runs with
-random filters; delete; find_recoverable; renew_leases) against the backend under test and
-against MemoryStorage, the reference model. Every call must have the same outcome on both
-(the same result, or the same exception type), and after every step both must list the
-same runs.
+transitions: status and column changes, step inserts, updates and deletes, appended attempts,
+claims by two logical owners, renewals, releases, stale versions and stale fences; load;
+list_runs with random filters; list_attempts; delete; find_recoverable; renew_leases)
+against the backend under test and against MemoryStorage, the reference model. Every call
+must have the same outcome on both (the same result, or the same exception type), and after
+every step both must list the same runs.
 
 Leases are an hour long, so every lease a run holds is live for the whole example and the
 two stores' clocks never matter; expiry is covered by ``test_store.py``. The store calls are
@@ -42,7 +42,16 @@ from fluxrun import StepStatus, WorkflowStatus
 from fluxrun._codec import encode
 from fluxrun._state import changes_text
 from fluxrun.errors import ConcurrentModificationError, LeaseLostError, RunBusyError
-from fluxrun.storage._base import KEEP, Claim, ListQuery, RunRow, StepRow, Store, Transition
+from fluxrun.storage._base import (
+    KEEP,
+    AttemptRow,
+    Claim,
+    ListQuery,
+    RunRow,
+    StepRow,
+    Store,
+    Transition,
+)
 from fluxrun.storage.memory import MemoryStorage
 
 T = TypeVar("T")
@@ -125,6 +134,23 @@ step_rows = st.builds(
     changes=maybe(st.sampled_from(CHANGES)),
     compensation_changes=maybe(st.sampled_from(CHANGES)),
     fence=st.integers(min_value=0, max_value=5),
+    error_type=maybe(st.sampled_from(("builtins.KeyError", "%"))),
+    traceback=maybe(st.sampled_from(TEXTS)),
+)
+
+attempt_rows = st.builds(
+    AttemptRow,
+    index=st.integers(min_value=0, max_value=4),
+    name=st.sampled_from(("a", "b", "😀")),
+    attempt=st.integers(min_value=1, max_value=3),
+    kind=st.sampled_from(("step", "compensation")),
+    status=st.sampled_from(STEP_STATUSES),
+    started_at=maybe(moments()),
+    finished_at=maybe(moments()),
+    duration_ms=maybe(st.sampled_from((0.0, 1.5, 1234.5678))),
+    error_type=maybe(st.sampled_from(("builtins.KeyError", "_"))),
+    error=maybe(st.sampled_from(TEXTS)),
+    traceback=maybe(st.sampled_from(TEXTS)),
 )
 
 
@@ -307,6 +333,7 @@ class StoreModel(RuleBasedStateMachine):
             keep_steps=keep,
             renew_lease=data.draw(st.sampled_from((None, None, LONG_LEASE)), label="renew"),
             release=data.draw(st.sampled_from((False, False, False, True)), label="release"),
+            attempts=tuple(data.draw(st.lists(attempt_rows, max_size=2), label="attempts")),
         )
         self.both(f"apply {t}", lambda s: s.apply(t), lambda applied: applied)
 
@@ -335,6 +362,11 @@ class StoreModel(RuleBasedStateMachine):
             offset=offset,
         )
         self.both(f"list_runs {query}", lambda s: s.list_runs(query), lambda rows: _all(rows))
+
+    @rule(data=st.data())
+    def list_attempts(self, data: st.DataObject) -> None:
+        run_id = self.pick_id(data)
+        self.both(f"list_attempts {run_id!r}", lambda s: s.list_attempts(run_id), lambda r: r)
 
     @rule(run_id=st.sampled_from(IDS))
     def delete(self, run_id: str) -> None:

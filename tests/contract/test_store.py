@@ -174,6 +174,7 @@ async def test_delete_removes_the_run_and_its_steps(store: Store) -> None:
     await store.create(make_run("r2"), lease_owner=None, lease_seconds=1)
     for i in range(3):
         await store.apply(t("r1", 1 + i, fence=1, insert_step=make_step(i)))
+    await store.apply(t("r1", 4, fence=1, release=True))  # a live lease would refuse it
     assert await store.delete("r1") is True
     assert await store.load("r1") is None
     assert await store.delete("r1") is False
@@ -309,13 +310,27 @@ async def test_a_claim_fences_off_the_previous_owner(store: Store) -> None:
     )
 
 
-async def test_a_stale_version_wins_over_a_stale_fence_in_the_error(store: Store) -> None:
+async def test_a_stale_fence_wins_over_a_stale_version_in_the_error(store: Store) -> None:
+    # A stale owner must learn that it lost the run (LeaseLostError), not that its version
+    # is old (which would invite it to reload and retry).
     await store.create(make_run("r1"), lease_owner="a", lease_seconds=LONG_LEASE)
     await store.apply(t("r1", 1, fence=1, release=True))
     await store.apply(t("r1", 2, claim=Claim("b", LONG_LEASE)))
-    with pytest.raises(ConcurrentModificationError) as info:
-        await store.apply(t("r1", 1, fence=1))
-    assert type(info.value) is ConcurrentModificationError
+    before = await must_load(store, "r1")
+    for write in (
+        t("r1", 1, fence=1),
+        t("r1", 1, fence=1, insert_step=make_step(0)),
+        t("r1", 1, fence=1, delete_steps_from=0, insert_step=make_step(0), status="x"),
+        t("r1", 9, fence=1, update_step=make_step(0)),
+    ):
+        with pytest.raises(LeaseLostError) as info:
+            await store.apply(write)
+        assert info.value.workflow_id == "r1"
+    assert await store.load("r1") == before
+    # The current owner with a stale version gets the plain error.
+    with pytest.raises(ConcurrentModificationError) as plain:
+        await store.apply(t("r1", 1, fence=2))
+    assert type(plain.value) is ConcurrentModificationError
 
 
 async def test_an_owned_write_renews_and_a_release_clears_the_lease(store: Store) -> None:
@@ -444,6 +459,8 @@ async def test_step_rows_keep_every_field(store: Store) -> None:
         changes='{"set":{"x":1},"del":["y"]}',
         compensation_changes='{"set":{},"del":["x"]}',
         fence=9,
+        error_type="billing.CardDeclined",
+        traceback='Traceback (most recent call last):\n  File "x.py", line 1\nCardDeclined: ☕',
     )
     bare = make_step(
         1,

@@ -7,7 +7,8 @@ system call into the page cache.
 
 The input also says where a step misbehaves:
 
-* ``crash``: ``{"at": key, "mode": "exit" | "kill", "once": marker path or None}``: the step
+* ``crash``: ``{"at": key, "mode": "exit" | "kill", "once": marker path or None}`` (or a
+  list of such plans for different keys): the step
   (or compensation) ``key`` ends its process with ``os._exit(1)`` or SIGKILL, every time or,
   with ``once``, only the first time (the marker file remembers it across processes). Only a
   child process (``FLUXRUN_E2E_CHILD=1``) ever crashes; in the test process the step fails
@@ -56,7 +57,10 @@ def _misbehave(ctx: WorkflowContext, key: str) -> None:
     plan: dict[str, Any] = ctx.input.get("block") or {}
     if plan.get("at") == key:
         time.sleep(float(plan["seconds"]))  # blocks the event loop on purpose
-    plan = ctx.input.get("crash") or {}
+    plans = ctx.input.get("crash") or {}
+    # One plan, or a list of them (a crash at several places, e.g. each once).
+    listed = [plans] if isinstance(plans, dict) else plans
+    plan = next((p for p in listed if p.get("at") == key), {})
     if plan.get("at") != key:
         return
     once = plan.get("once")

@@ -12,7 +12,8 @@ from pathlib import Path
 from fluxrun import FluxEngine, SQLiteStorage, WorkflowState
 
 ROOT = Path(__file__).resolve().parents[2]
-OUTCOME = re.compile(r"=> (\w+) \(run ([0-9a-f]{8})\)")
+RUN_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # printed in full
+OUTCOME = re.compile(rf"=> (\w+) \(run ({RUN_ID})\)")
 
 
 def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -31,9 +32,9 @@ def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> str
 
 
 async def stored_runs(db: Path) -> dict[str, WorkflowState]:
-    """Every run in ``db``, by short id, read back through a fresh engine."""
+    """Every run in ``db``, by id, read back through a fresh engine."""
     async with FluxEngine(storage=SQLiteStorage(db)) as engine:
-        return {r.id[:8]: r for r in await engine.list()}
+        return {r.id: r for r in await engine.list()}
 
 
 def steps(state: WorkflowState) -> dict[str, str]:
@@ -50,50 +51,90 @@ async def test_order_fulfilment(tmp_path: Path) -> None:
     out = run_example("order_fulfilment", "--db", str(db))
 
     outcomes = OUTCOME.findall(out)
-    assert [status for status, _ in outcomes] == ["completed", "rolled_back", "completed"]
+    statuses = [status for status, _ in outcomes]
+    assert statuses == ["completed", "rolled_back", "completed", "failed", "completed"]
+    ids = [run_id for _, run_id in outcomes]
+    assert ids[3] == ids[4]  # (d) failed, then the same run was finished forward
 
-    # (b): ship fails, then the compensations run newest first.
+    # (b): the payment is refused before the commit completed: compensations, newest first.
     rolled = section(out, "(b)")
-    assert re.search(r"ship\s+failed\s+1", rolled)
-    assert "-- rolling back: no carrier delivers to 'nowhere'" in rolled
+    assert re.search(r"capture\s+failed\s+1 .*payment refused: insufficient funds", rolled)
     comp = [line.split()[0] for line in rolled.splitlines() if "compensated" in line]
     assert comp == ["authorize", "reserve"]
-    assert rolled.index("rolling back") < rolled.index("compensated")
+    assert rolled.index("capture    failed") < rolled.index("compensated")
+    assert rolled.rindex("compensated") < rolled.index("=> rolled_back")
+    assert "ship" not in rolled
 
     # (c): suspended, then signalled, then the remaining steps and completion.
     waited = section(out, "(c)")
-    order = ["approval   suspended", "is suspended", "approval   signalled", "charge     completed"]
+    order = [
+        "approval   suspended",
+        f"run {ids[2]} is suspended",
+        "approval   signalled",
+        "capture    completed",
+        "ship       completed",
+    ]
     positions = [waited.index(text) for text in order]
     assert positions == sorted(positions)
 
-    # (d): the listing read back from the database shows the three runs.
-    listing = section(out, "(d)").splitlines()[2:]
-    assert len(listing) == 3
-    assert {line.split()[0] for line in listing} == {run_id for _, run_id in outcomes}
+    # (d): ship fails after the commit step completed. The pivot rule: nothing is compensated,
+    # the run ends failed with an error naming the commit step; resume finishes it forward
+    # from ship and the commit step does not run again.
+    after = section(out, "(d)")
+    assert re.search(r"capture\s+completed\s+1", after)
+    assert len(re.findall(r"ship\s+retrying\s+\d", after)) == 4
+    assert re.search(r"ship\s+failed\s+5 .*carrier unreachable for Nuuk", after)
+    assert "compensated" not in after
+    stored_error = re.search(r"stored error: (.*)", after)
+    assert stored_error is not None and "capture" in stored_error.group(1)
+    resumed = after.split("engine.resume(order, run_id)", 1)[1]
+    assert re.search(r"ship\s+completed", resumed)
+    assert "capture" not in resumed.split("=>", 1)[0]  # nothing before ship ran again
+    assert "capture ran 1 time(s) in this run" in after
+    kept = re.search(r"attempts: (.*)", after)
+    assert kept is not None
+    assert "ship failed x5" in kept.group(1) and "ship completed x1" in kept.group(1)
+    assert "capture completed x1" in kept.group(1)
+
+    # (e): the listing read back from the database shows the four runs with their full ids.
+    listing = section(out, "(e)").splitlines()[2:]
+    assert len(listing) == 4
+    assert {line.split()[0] for line in listing} == set(ids)
 
     runs = await stored_runs(db)
-    # What was printed is what was stored.
-    assert [(runs[run_id].status.value, run_id) for _, run_id in outcomes] == outcomes
-    a, b, c = (runs[run_id] for _, run_id in outcomes)
-    assert steps(a)["approval"] == "skipped" and steps(a)["charge"] == "completed"
+    # What was printed is what was stored (the last outcome printed for each run).
+    final = dict(zip(ids, statuses, strict=True))
+    assert {run_id: runs[run_id].status.value for run_id in ids} == final
+    a, b, c, d = (runs[run_id] for run_id in ids[:4])
+    assert steps(a)["approval"] == "skipped" and steps(a)["ship"] == "completed"
     assert steps(b) == {
         "reserve": "compensated",
         "approval": "skipped",
         "authorize": "compensated",
-        "ship": "failed",
-        "charge": "pending",
+        "capture": "failed",
+        "ship": "pending",
     }
-    assert b.error == "no carrier delivers to 'nowhere'"
+    assert b.error == "payment refused: insufficient funds"
     assert b.data == {"reserved": [], "hold": None}
     assert steps(c)["approval"] == "completed" and c.history[1].output == {"by": "maria"}
-    assert c.data["charged"] == 4200
+    assert steps(c)["ship"] == "completed"
+    assert steps(d) == {
+        "reserve": "completed",
+        "approval": "skipped",
+        "authorize": "completed",
+        "capture": "completed",
+        "ship": "completed",
+    }
+    assert d.error is None
+    assert d.data["reserved"] == ["bike"] and d.data["hold"] and d.data["payment"]
+    assert d.data["tracking"]
 
     trace = [
         json.loads(line) for line in (tmp_path / "orders.trace.ndjson").read_text().splitlines()
     ]
     types = [event["type"] for event in trace]
-    assert types.count("workflow:start") == 3
-    assert types.count("step:compensate") == 2
+    assert types.count("workflow:start") == 4  # resume does not start a new run
+    assert types.count("step:compensate") == 2  # (b) only: (d) is past its commit step
     assert types.count("signal:received") == 1
 
 
@@ -103,22 +144,22 @@ async def test_order_fulfilment_twice_on_one_db(tmp_path: Path) -> None:
     out = run_example("order_fulfilment", "--db", str(db))
     second = OUTCOME.findall(out)
 
-    listing = section(out, "(d)").splitlines()[2:]
-    assert len(listing) == 6
+    listing = section(out, "(e)").splitlines()[2:]
+    assert len(listing) == 8
     assert {line.split()[0] for line in listing} == {i for _, i in first + second}
 
     runs = await stored_runs(db)
-    assert len(runs) == 6
-    assert sorted(r.status.value for r in runs.values()) == ["completed"] * 4 + ["rolled_back"] * 2
+    assert len(runs) == 8
+    assert sorted(r.status.value for r in runs.values()) == ["completed"] * 6 + ["rolled_back"] * 2
     trace = (tmp_path / "orders.trace.ndjson").read_text().splitlines()
-    assert [json.loads(line)["type"] for line in trace].count("workflow:start") == 6
+    assert [json.loads(line)["type"] for line in trace].count("workflow:start") == 8
 
 
 async def test_approval(tmp_path: Path) -> None:
     db = tmp_path / "approval.db"
     out = run_example("approval", "--db", str(db))
 
-    assert re.search(r"\[process 1\] run ([0-9a-f]{8}) is suspended", out)
+    assert re.search(rf"\[process 1\] run {RUN_ID} is suspended", out)
     assert "[process 1] step 'approval' waits for signal 'approved'" in out
     assert "[process 2] loaded run" in out and ": suspended" in out
     assert "wrong signal refused" in out
@@ -130,9 +171,15 @@ async def test_approval(tmp_path: Path) -> None:
     assert len(runs) == 1
     (run,) = runs
     assert run.status.value == "completed"
-    assert steps(run) == {"submit": "completed", "approval": "completed", "pay_out": "completed"}
+    assert steps(run) == {
+        "submit": "completed",
+        "approval": "completed",
+        "pay_out": "completed",
+        "notify": "completed",
+    }
     assert run.history[1].output == {"by": "ann"}
     assert run.data["approved_by"] == "ann" and run.data["paid"] == 420
+    assert run.data["notified"] == "kim"
     assert run.completed_at is not None
 
 
@@ -160,18 +207,42 @@ async def test_report(tmp_path: Path) -> None:
     assert "render  attempt 2 failed: step 'render' timed out" in full
     assert "error: StepTimeoutError: step 'render' timed out after 0.2s (attempt 2)" in full
 
+    # Every attempt of the failed run, with the qualified type of its exception.
+    attempts = [
+        re.match(r"\s+(\w+)\s+#(\d+)\s+(\w+)\s*(.*)", line)
+        for line in section(full, "attempts:").splitlines()[1:]
+        if " #" in line
+    ]
+    listed = [(m.group(1), int(m.group(2)), m.group(3)) for m in attempts if m]
+    assert listed == [
+        ("fetch", 1, "failed"),
+        ("fetch", 2, "failed"),
+        ("fetch", 3, "completed"),
+        ("render", 1, "failed"),
+        ("render", 2, "failed"),
+    ]
+    errors = [m.group(4) for m in attempts if m]
+    assert errors[0] == "builtins.ConnectionError: sales API unavailable"
+    assert errors[2] == ""
+    assert re.match(r"fluxrun\.(errors\.)?StepTimeoutError: step 'render' timed out", errors[3])
+
     runs = await stored_runs(db)
     done, failed = (runs[run_id] for _, run_id in outcomes)
     assert done.status.value == "completed"
     assert [(h.name, h.status.value, h.retries) for h in done.history] == [
         ("fetch", "completed", 2),
         ("render", "completed", 1),
+        ("publish", "completed", 0),
     ]
     assert done.data["report"] == "summary report of 1250 rows"
+    assert done.data["sent_to"] == "sales@example.com"
     assert failed.status.value == "failed"
     assert [(h.name, h.status.value, h.retries) for h in failed.history] == [
         ("fetch", "completed", 2),
         ("render", "failed", 1),
+        ("publish", "pending", 0),
     ]
     assert failed.error is not None and "timed out" in failed.error
+    assert failed.history[1].error_type is not None
+    assert failed.history[1].error_type.endswith("StepTimeoutError")
     assert failed.completed_at is not None

@@ -35,6 +35,7 @@ from fluxrun import (
     wait,
 )
 from fluxrun.storage._base import Claim, ListQuery, RunRow, StepRow, Store, Transition
+from fluxrun.storage._migrations import migrations
 
 FAST = RetryPolicy(initial_delay=0, jitter=False)
 T0 = dt.datetime(2024, 5, 17, 8, 30, 15, 123456, tzinfo=dt.UTC)
@@ -440,12 +441,12 @@ async def test_lease_renewal_reconnects_after_its_connection_dies(
 ) -> None:
     await store.create(_run("r1"), lease_owner="me", lease_seconds=30)
     assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
-    renewal = store._renew_conn
+    renewal = store._renewer.conn
     assert renewal is not None
     with psycopg.connect(fresh_pg_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (renewal.info.backend_pid,))
     assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
-    assert store._renew_conn is not None and store._renew_conn is not renewal
+    assert store._renewer.conn is not None and store._renewer.conn is not renewal
     await store.close()
     with pytest.raises(StorageError, match="closed"):
         store.renew_leases("me", {"r1": 1}, 30)
@@ -539,7 +540,12 @@ async def test_hostile_strings_are_stored_and_filtered_exactly(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
             "ORDER BY 1"
         )
-        assert await cur.fetchall() == [("flux_runs",), ("flux_schema",), ("flux_steps",)]
+        assert await cur.fetchall() == [
+            ("flux_attempts",),
+            ("flux_runs",),
+            ("flux_schema",),
+            ("flux_steps",),
+        ]
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -554,7 +560,8 @@ async def test_two_concurrent_inits_migrate_once(fresh_pg_dsn: str) -> None:
         await first.close()
         await second.close()
     with psycopg.connect(fresh_pg_dsn) as conn:
-        assert conn.execute("SELECT version FROM flux_schema").fetchall() == [(1,)]
+        latest = len(migrations("postgres"))
+        assert conn.execute("SELECT version FROM flux_schema").fetchall() == [(latest,)]
 
 
 async def test_a_newer_schema_is_refused(fresh_pg_dsn: str) -> None:
@@ -640,6 +647,12 @@ def test_constructor_arguments_are_validated() -> None:
         {"dsn": dsn, "min_size": -1},
         {"dsn": dsn, "min_size": 5, "max_size": 2},
         {"dsn": dsn, "max_size": True},
+        {"dsn": dsn, "query_timeout": 0},
+        {"dsn": dsn, "query_timeout": -1},
+        {"dsn": dsn, "query_timeout": float("inf")},
+        {"dsn": dsn, "query_timeout": float("nan")},
+        {"dsn": dsn, "query_timeout": True},
+        {"dsn": dsn, "query_timeout": "30"},
     ):
         with pytest.raises(InvalidArgumentError):
             PostgresStorage(**kwargs)  # type: ignore[arg-type]

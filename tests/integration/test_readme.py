@@ -15,6 +15,9 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert blocks, "README has no python example"
     example = blocks[0]
     assert len(example.strip().splitlines()) <= 20
+    # The saga shape: a step with a compensation, then the commit step, then a retried step.
+    shape = re.findall(r"compensate=|\.commit\(|retries=", example)
+    assert shape == ["compensate=", ".commit(", "retries="]
     script = tmp_path / "example.py"
     script.write_text(example)
     done = subprocess.run(

@@ -155,6 +155,8 @@ class Recorder:
             row = t.insert_step or t.update_step
             if row is not None:
                 text += f" {row.name}:{row.status}"
+            for a in t.attempts:
+                text += f" attempt {a.kind} {a.name}#{a.attempt}:{a.status}"
             self.log.append(text)
             return await apply(t)
 

@@ -414,14 +414,16 @@ FILTER_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("name-bytes", {"name": b"x"}, "WorkflowFilter.name must be a str, got bytes"),
     ("name-nul", {"name": "a\u0000"}, "WorkflowFilter.name: strings may not contain the NUL"),
     ("name-surrogate", {"name": "\ud800"}, "WorkflowFilter.name: strings may not contain lone"),
-    ("limit-neg", {"limit": -1}, "WorkflowFilter.limit must be an int >= 0, got -1"),
+    ("limit-neg", {"limit": -1}, "WorkflowFilter.limit must be an int >= 0 and < 2**63, got -1"),
     ("limit-float", {"limit": 2.0}, "WorkflowFilter.limit"),
     ("limit-bool", {"limit": True}, "WorkflowFilter.limit"),
     ("limit-nan", {"limit": math.nan}, "WorkflowFilter.limit"),
     ("limit-inf", {"limit": math.inf}, "WorkflowFilter.limit"),
     ("limit-str", {"limit": "10"}, "WorkflowFilter.limit"),
-    ("offset-neg", {"offset": -5}, "WorkflowFilter.offset must be an int >= 0, got -5"),
+    ("offset-neg", {"offset": -5}, "WorkflowFilter.offset must be an int >= 0 and < 2**63, got -5"),
     ("offset-none", {"offset": None}, "WorkflowFilter.offset"),
+    ("offset-2**63", {"offset": 2**63}, "WorkflowFilter.offset must be an int >= 0 and < 2**63"),
+    ("limit-10**30", {"limit": 10**30}, "WorkflowFilter.limit must be an int >= 0 and < 2**63"),
     ("offset-float", {"offset": 0.0}, "WorkflowFilter.offset"),
     ("status-unknown", {"status": "done"}, "unknown status 'done'"),
     ("status-upper", {"status": "COMPLETED"}, "unknown status 'COMPLETED'"),
@@ -702,7 +704,8 @@ async def test_bad_signal_payload_is_rejected_and_the_run_still_waits(
     assert isinstance(info.value, SerializationError)
     assert fragment in str(info.value)
     where = "payload of signal 'go'" + ("" if is_size(fragment) else "['payload']")
-    assert str(info.value).startswith(where)
+    assert str(info.value).startswith(f"run {run.id!r}: {where}")
+    assert info.value.workflow_id == run.id
     assert await engine.get(run.id) == before
     done = await engine.signal(flow, run.id, "go", {"payload": "good"})
     assert done.status is WorkflowStatus.COMPLETED

@@ -124,10 +124,10 @@ async def test_each_compensation_is_saved_compensating_then_compensated(
         "save rolling_back c:failed",
         "save rolling_back b:compensating",
         "undo b",
-        "save rolling_back b:compensated",
+        "save rolling_back b:compensated attempt compensation b#1:compensated",
         "save rolling_back a:compensating",
         "undo a",
-        "save rolling_back a:compensated",
+        "save rolling_back a:compensated attempt compensation a#1:compensated",
         "save rolled_back",
     ]
     # While a compensation runs, the store already says the run rolls back and the step

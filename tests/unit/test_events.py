@@ -1,5 +1,5 @@
-"""SPEC §2 rule 13: the exact order of hooks, trace events, user code and saves, and the
-seed's JSON shape of an event (``to_dict``). Every run test uses MemoryStorage and
+"""SPEC §2 rule 13: the exact order of hooks, trace events, user code and saves, and
+@gravito/flux's JSON shape of an event (``to_dict``). Every run test uses MemoryStorage and
 SQLiteStorage.
 
 The log entries come from the ``recorder`` fixture (tests/unit/conftest.py): ``hook <name>
@@ -96,8 +96,10 @@ async def test_retry_order(spied: FluxEngine, recorder: Recorder) -> None:
         "hook step_start a",
         "event step:start a",
         "run a",
+        "save pending attempt step a#1:failed",
         "event step:retry a",
         "run a",
+        "save pending attempt step a#2:failed",
         "event step:retry a",
         "run a",
         "hook step_complete a",
@@ -148,11 +150,11 @@ async def test_failure_with_rollback_order(spied: FluxEngine, recorder: Recorder
         "save rolling_back b:compensating",
         "undo b",
         "event step:compensate b",
-        "save rolling_back b:compensated",
+        "save rolling_back b:compensated attempt compensation b#1:compensated",
         "save rolling_back a:compensating",
         "undo a",
         "event step:compensate a",
-        "save rolling_back a:compensated",
+        "save rolling_back a:compensated attempt compensation a#1:compensated",
         "save rolled_back",
         "event workflow:rollback_complete",
         "hook workflow_error",
@@ -283,10 +285,10 @@ async def test_event_fields_of_a_failure(engine_factory: EngineFactory, recorder
     assert wf_error.duration_ms is not None
 
 
-# -- to_dict: the seed's JSON shape -----------------------------------------------------------
+# -- to_dict: @gravito/flux's JSON shape -----------------------------------------------------------
 
 
-def test_to_dict_uses_the_seed_camel_case_keys() -> None:
+def test_to_dict_uses_the_gravito_flux_camel_case_keys() -> None:
     event = FluxTraceEvent(
         type="step:retry",
         timestamp=1700000000000.0,
@@ -351,7 +353,7 @@ def test_to_dict_keeps_false_and_zero_values() -> None:
     assert (out["stepIndex"], out["commit"], out["retries"]) == (0, False, 0)
 
 
-async def test_events_of_a_run_serialize_to_the_seed_shape(
+async def test_events_of_a_run_serialize_to_the_gravito_flux_shape(
     engine_factory: EngineFactory, recorder: Recorder
 ) -> None:
     engine = await engine_factory(trace=recorder)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 import pytest
 
-import fluxrun._runner
+import fluxrun._driver
 from fluxrun import (
     FluxEngine,
     FluxResult,
@@ -500,7 +500,7 @@ async def test_default_policy_waits_exponentially_from_one_second_with_jitter(
         waits.append(delay)
         return result
 
-    monkeypatch.setattr(fluxrun._runner.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(fluxrun._driver.asyncio, "sleep", no_wait)
     calls: list[int] = []
     result = await engine.execute(create_workflow("r").step("s", _flaky(calls, 99), retries=3))
     monkeypatch.undo()

@@ -40,7 +40,7 @@ FAILURE_HOOKS = ("step_start", "step_error", "workflow_error")
 
 
 class RecordingLogger:
-    """A logger in the seed's shape: debug/info/warn/error, no ``warning``."""
+    """A logger in @gravito/flux's shape: debug/info/warn/error, no ``warning``."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, str]] = []

@@ -28,6 +28,7 @@ from fluxrun import (
 )
 from fluxrun.storage._base import (
     Applied,
+    AttemptRow,
     ListQuery,
     RunRow,
     StepRow,
@@ -75,6 +76,9 @@ class CountingStore(Store):
 
     async def delete(self, run_id: str) -> bool:
         return await self.inner.delete(run_id)
+
+    async def list_attempts(self, run_id: str) -> list[AttemptRow]:
+        return await self.inner.list_attempts(run_id)
 
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
         return await self.inner.find_recoverable(names, limit)

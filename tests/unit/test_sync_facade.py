@@ -186,3 +186,28 @@ def test_bad_options_raise_and_leave_no_thread_behind() -> None:
         SyncFluxEngine(no_such_option=1)
     after = {t.ident for t in threading.enumerate() if t.name == "fluxrun-sync"}
     assert not (after - before)
+
+
+def test_operator_actions_work_blocking(engine: SyncFluxEngine) -> None:
+    def broken(ctx: Any) -> None:
+        raise RuntimeError("cannot undo")
+
+    def fail(ctx: Any) -> None:
+        raise RuntimeError("boom")
+
+    flow = (
+        create_workflow("sync-ops")
+        .step("a", lambda ctx: None, compensate=broken)
+        .step("b", fail)
+    )
+    stuck = engine.execute(flow)
+    assert stuck.status == WorkflowStatus.COMPENSATION_FAILED
+    done = engine.skip_compensation(flow, stuck.id, "a", note="undone by hand")
+    assert done.status == WorkflowStatus.ROLLED_BACK
+    kinds = [(a.step, a.kind, a.status.value) for a in engine.attempts(stuck.id)]
+    assert kinds == [
+        ("a", "step", "completed"),
+        ("b", "step", "failed"),
+        ("a", "compensation", "failed"),
+        ("a", "compensation", "skipped"),
+    ]

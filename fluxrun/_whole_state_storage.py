@@ -1,4 +1,5 @@
-"""The seed's storage interface (``WorkflowStorage``) and the adapter that runs on it.
+"""@gravito/flux-style whole-state storage (``WorkflowStorage``) and the adapter that runs
+the engine on it.
 
 A user's class with ``save/load/list/delete`` (and optionally ``init/close``) of whole
 :class:`WorkflowState` records can be passed as ``storage=``. The engine keeps the runs it
@@ -8,6 +9,11 @@ after every change. This is for a single process: the user's storage has no
 compare-and-set of its own. A run read back from it after a restart carries its data as of
 its last save, so ``resume`` from an earlier step keeps that data rather than the data as it
 was when that step first ran.
+
+The attempt log (``engine.attempts``) lives only in the in-process cache: a
+:class:`WorkflowState` has no place for it, so it is not written to the user's storage, and
+a run read back after a restart starts with an empty log. ``delete`` refuses a run that this
+process is executing right now (:class:`~fluxrun.errors.RunBusyError`), like every store.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from ._codec import encode
 from ._records import StepStatus, WorkflowFilter, WorkflowState
 from ._state import changes_text, to_state
 from .errors import StorageError
-from .storage._base import Applied, ListQuery, RunRow, StepRow, Store, Transition
+from .storage._base import Applied, AttemptRow, ListQuery, RunRow, StepRow, Store, Transition
+from .storage._limits import page, row_limit
 from .storage.memory import MemoryStorage
 
-__all__ = ["SeedStorageAdapter", "WorkflowStorage", "is_seed_storage"]
+__all__ = ["WholeStateStorageAdapter", "WorkflowStorage", "is_whole_state_storage"]
 
 
 @runtime_checkable
 class WorkflowStorage(Protocol):
-    """The seed's storage interface: whole-state save/load/list/delete (sync or async)."""
+    """@gravito/flux-style whole-state storage: save/load/list/delete of whole
+    :class:`WorkflowState` records, with plain or async methods."""
 
     def save(self, state: WorkflowState) -> Any:
         """Insert or replace the state of one run."""
@@ -43,8 +51,8 @@ class WorkflowStorage(Protocol):
         """Remove one run."""
 
 
-def is_seed_storage(obj: object) -> bool:
-    """Whether ``obj`` has the seed's storage methods."""
+def is_whole_state_storage(obj: object) -> bool:
+    """Whether ``obj`` is a user's ``WorkflowStorage`` (has save/load/list/delete)."""
     return all(callable(getattr(obj, m, None)) for m in ("save", "load", "list", "delete"))
 
 
@@ -69,6 +77,8 @@ def _row_from_state(state: WorkflowState) -> RunRow:
             output=None if h.output is None else encode(h.output),
             error=h.error,
             retries=h.retries,
+            error_type=h.error_type,
+            traceback=h.traceback,
             # The whole data rides on the last recorded step: replay then yields it.
             changes=data_text if (i, h) == recorded[-1] else None,
         )
@@ -92,8 +102,8 @@ def _row_from_state(state: WorkflowState) -> RunRow:
     )
 
 
-class SeedStorageAdapter(Store):
-    """Runs the engine on a user's seed-style storage (single process)."""
+class WholeStateStorageAdapter(Store):
+    """Runs the engine on a user's ``WorkflowStorage`` (single process; see the module)."""
 
     def __init__(self, storage: Any) -> None:
         self.user = storage
@@ -109,23 +119,27 @@ class SeedStorageAdapter(Store):
         if callable(getattr(self.user, "close", None)):
             await self._call("close")
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, run_id: str | None = None) -> Any:
         try:
             return await _maybe(getattr(self.user, method)(*args))
         except Exception as exc:
-            raise StorageError(f"{type(self.user).__name__}.{method} failed: {exc}") from exc
+            about = "" if run_id is None else f" for run {run_id!r}"
+            raise StorageError(
+                f"{type(self.user).__name__}.{method}{about} failed: {exc}", workflow_id=run_id
+            ) from exc
 
     async def _cached(self, run_id: str) -> RunRow | None:
         row = await self._cache.load(run_id)
         if row is not None:
             return row
-        state = await self._call("load", run_id)
+        state = await self._call("load", run_id, run_id=run_id)
         if state is None:
             return None
         if not isinstance(state, WorkflowState):
             raise StorageError(
-                f"{type(self.user).__name__}.load returned {type(state).__name__}, "
-                "not a WorkflowState"
+                f"{type(self.user).__name__}.load for run {run_id!r} returned "
+                f"{type(state).__name__}, not a WorkflowState",
+                workflow_id=run_id,
             )
         imported = _row_from_state(state)
         await self._cache.create(imported, lease_owner=None, lease_seconds=0)
@@ -159,11 +173,11 @@ class SeedStorageAdapter(Store):
         if row is None:
             return
         try:
-            await self._call("save", to_state(row, None))
+            await self._call("save", to_state(row, None), run_id=run_id)
         except StorageError:
-            # The user's storage is the truth: forget what it did not take, so the next
-            # read comes from it rather than from a change it never saved.
-            await self._cache.delete(run_id)
+            # The user's storage is the truth: forget what it did not take (whoever owns
+            # it), so the next read comes from it rather than from a change it never saved.
+            self._cache._evict(run_id)
             raise
 
     async def load(self, run_id: str) -> RunRow | None:
@@ -172,26 +186,32 @@ class SeedStorageAdapter(Store):
 
     async def list_runs(self, query: ListQuery) -> list[RunRow]:
         """Runs from the user's storage."""
+        limit, offset = page(query)
         states = await self._call(
             "list",
             WorkflowFilter(
                 name=query.name,
                 status=list(query.statuses) if query.statuses is not None else None,
-                limit=query.limit,
-                offset=query.offset,
+                limit=limit,
+                offset=offset,
             ),
         )
         return [_row_from_state(s) for s in states or ()]
 
     async def delete(self, run_id: str) -> bool:
-        """Delete from both."""
+        """Delete from both, unless this process is executing the run (RunBusyError)."""
         existed = await self._cached(run_id) is not None
-        await self._cache.delete(run_id)
-        await self._call("delete", run_id)
+        await self._cache.delete(run_id)  # raises RunBusyError before anything is deleted
+        await self._call("delete", run_id, run_id=run_id)
         return existed
+
+    async def list_attempts(self, run_id: str) -> list[AttemptRow]:
+        """The attempts this process recorded (the user's storage keeps none)."""
+        return await self._cache.list_attempts(run_id)
 
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
         """Unfinished runs, read from the user's storage."""
+        limit = row_limit(limit, "limit")
         found: list[RunRow] = []
         for name in names:
             for row in await self.list_runs(ListQuery(name=name)):

@@ -1,8 +1,11 @@
-"""A user's own storage with the seed's interface (save/load/list/delete/init/close) runs
-workflows, in one process, and keeps them across engines."""
+"""A user's own @gravito/flux-style whole-state storage (a ``WorkflowStorage``:
+save/load/list/delete, optionally init/close) runs workflows, in one process, and keeps them
+across engines; the adapter keeps the attempt log in process and refuses to delete a run it
+is executing."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from fluxrun import (
     FluxEngine,
     RetryPolicy,
+    RunBusyError,
     StorageError,
     WorkflowContext,
     WorkflowFilter,
@@ -18,12 +22,14 @@ from fluxrun import (
     create_workflow,
     wait,
 )
+from fluxrun._whole_state_storage import WholeStateStorageAdapter, is_whole_state_storage
+from fluxrun.storage._base import AttemptRow, RunRow, StepRow, Transition
 
 FAST = RetryPolicy(initial_delay=0, jitter=False)
 
 
 class DictStorage:
-    """What a user might write: whole states in a dict, async like the seed's interface."""
+    """What a user might write: whole states in a dict, with async methods."""
 
     def __init__(self) -> None:
         self.states: dict[str, WorkflowState] = {}
@@ -119,10 +125,14 @@ async def test_a_users_storage_runs_workflows(kind: type[Any]) -> None:
         done = await engine.signal(order, run.id, "approved", {"by": "ann"})
         assert done.status == WorkflowStatus.COMPLETED
         assert storage.states[run.id].status == WorkflowStatus.COMPLETED
-        assert storage.states[run.id].data == done.data == {
-            "reserved": ["book"],
-            "shipped_by": "ann",
-        }
+        assert (
+            storage.states[run.id].data
+            == done.data
+            == {
+                "reserved": ["book"],
+                "shipped_by": "ann",
+            }
+        )
         state = await engine.get(run.id)
         assert state is not None and state.completed_at is not None
 
@@ -179,3 +189,81 @@ async def test_a_failing_user_storage_is_a_storage_error() -> None:
         # Nothing half-written: the user's storage is the truth, and it holds nothing.
         assert await engine.list() == []
         assert broken.states == {}
+
+
+T0 = dt.datetime(2024, 5, 17, 8, 30, tzinfo=dt.UTC)
+
+
+def _run(run_id: str) -> RunRow:
+    return RunRow(
+        id=run_id,
+        name="order",
+        status="running",
+        input="{}",
+        step_names=("reserve", "approve", "ship"),
+        current_step=0,
+        created_at=T0,
+        updated_at=T0,
+        version=1,
+        fence=1,
+    )
+
+
+def test_a_users_storage_is_recognised_by_its_methods() -> None:
+    assert is_whole_state_storage(DictStorage()) and is_whole_state_storage(SyncDictStorage())
+    assert not is_whole_state_storage(object())
+
+
+async def test_attempts_are_kept_in_process_and_go_with_the_run() -> None:
+    storage = DictStorage()
+    adapter = WholeStateStorageAdapter(storage)
+    await adapter.create(_run("r1"), lease_owner=None, lease_seconds=0)
+    failed = AttemptRow(
+        index=0,
+        name="reserve",
+        attempt=1,
+        kind="step",
+        status="failed",
+        started_at=T0,
+        finished_at=T0,
+        duration_ms=1.5,
+        error_type="builtins.OSError",
+        error="disk",
+        traceback="Traceback ...",
+    )
+    step = StepRow(index=0, name="reserve", status="completed", started_at=T0, changes=None)
+    await adapter.apply(Transition("r1", 1, T0, insert_step=step, attempts=(failed, failed)))
+    got = await adapter.list_attempts("r1")
+    assert [(a.seq, a.error_type, a.traceback) for a in got] == [
+        (1, "builtins.OSError", "Traceback ..."),
+        (2, "builtins.OSError", "Traceback ..."),
+    ]
+    # The user's storage holds the whole state, not the attempt log.
+    assert storage.states["r1"].version == 2
+    assert await adapter.delete("r1") is True
+    assert await adapter.list_attempts("r1") == []
+    assert "r1" not in storage.states
+
+
+async def test_a_run_being_executed_is_not_deleted() -> None:
+    storage = DictStorage()
+    adapter = WholeStateStorageAdapter(storage)
+    await adapter.create(_run("r1"), lease_owner="engine-1", lease_seconds=3600)
+    with pytest.raises(RunBusyError) as info:
+        await adapter.delete("r1")
+    assert info.value.workflow_id == "r1"
+    assert "r1" in storage.states and await adapter.load("r1") is not None
+    await adapter.apply(Transition("r1", 1, T0, fence=1, release=True))
+    assert await adapter.delete("r1") is True
+    assert storage.states == {}
+
+
+async def test_errors_of_the_users_storage_name_the_run() -> None:
+    class Broken(DictStorage):
+        async def load(self, id: str) -> WorkflowState | None:
+            raise OSError("gone")
+
+    adapter = WholeStateStorageAdapter(Broken())
+    with pytest.raises(StorageError) as info:
+        await adapter.load("r9")
+    assert info.value.workflow_id == "r9" and "'r9'" in str(info.value)

@@ -1,0 +1,468 @@
+"""The run driver's base: the state of one run being driven, saving it, and attempts.
+
+Layers of the driver: :class:`DriverBase` (here: state, ``save``, attempts with retries and
+the attempt log), :class:`~fluxrun._rollback.RollbackDriver` (failure and compensation) and
+:class:`~fluxrun._runner.RunDriver` (the forward path). Together they are the one place that
+decides a run's transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from ._codec import decode
+from ._context import WorkflowContext
+from ._data import TrackedData
+from ._definition import StepDefinition, WorkflowDefinition
+from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
+from ._records import FluxResult, StepExecution, StepStatus, WorkflowStatus
+from ._retry import RetryPolicy
+from ._state import apply_changes, entry, replay_data
+from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
+from .errors import (
+    DefinitionError,
+    EngineClosedError,
+    LeaseLostError,
+    SerializationError,
+    StepTimeoutError,
+)
+from .storage._base import KEEP, Applied, AttemptRow, Keep, RunRow, StepRow, Store, Transition
+
+if TYPE_CHECKING:
+    from ._lease import LeaseKeeper
+
+__all__ = ["DriverBase", "Failed", "Settings", "final_attempt", "rollback_data", "utcnow"]
+
+_UTC = dt.UTC
+_COMPLETED = StepStatus.COMPLETED.value
+_COMPENSATED = StepStatus.COMPENSATED.value
+_COMPENSATING = StepStatus.COMPENSATING.value
+_PENDING = WorkflowStatus.PENDING
+_IMMUTABLE = (type(None), str, int, float, bool)
+
+
+def utcnow() -> dt.datetime:
+    """The current time as an aware UTC datetime."""
+    return dt.datetime.now(_UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The engine settings a run needs."""
+
+    owner: str
+    default_retries: int
+    default_timeout: float | None
+    retry_policy: RetryPolicy
+    lease_seconds: float
+    max_value_size: int
+    executor: Callable[[], Executor]
+    sync_timeout_grace: float = 60.0
+    closing: Callable[[], bool] = lambda: False
+
+
+class Failed(Exception):
+    """Internal: a step (or compensation) failed for good; carries what to record."""
+
+    def __init__(self, error: BaseException, attempts: int, started: dt.datetime, t0: float):
+        super().__init__("step failed")
+        self.error = error
+        self.attempts = attempts
+        self.started = started  # when the last attempt started
+        self.t0 = t0
+        self.info: ErrorInfo = describe(error)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pending(name: str) -> StepExecution:
+    """The history entry of a step not reached yet; immutable, so runs share one per name."""
+    return StepExecution(name=name)
+
+
+def rollback_data(rows: Iterable[StepRow], failed: int) -> dict[str, Any]:
+    """``ctx.data`` for continuing a rollback: as before step ``failed``, then the changes of
+    the compensations already recorded, last step first."""
+    ordered = sorted(rows, key=lambda r: r.index)
+    data = replay_data(ordered, before=failed)
+    for r in reversed(ordered):
+        if r.index < failed:
+            apply_changes(data, r.compensation_changes)
+    return data
+
+
+def final_attempt(row: StepRow, logged: Iterable[AttemptRow]) -> AttemptRow | None:
+    """The last forward attempt a step row stands for (None for a skipped step)."""
+    if row.status in (StepStatus.SKIPPED.value, StepStatus.PENDING.value):
+        return None
+    status = row.status
+    if status in (_COMPENSATED, _COMPENSATING):
+        status = _COMPLETED
+    finished = row.completed_at or row.suspended_at
+    started = row.started_at
+    if row.retries:
+        # The row spans every attempt; the last one began when the one before it ended.
+        earlier = [
+            a.finished_at
+            for a in logged
+            if a.kind == "step"
+            and a.index == row.index
+            and a.finished_at is not None
+            and (started is None or a.finished_at >= started)
+        ]
+        if earlier:
+            started = max(earlier)
+    duration = row.duration_ms
+    if row.retries and started is not None and finished is not None:
+        duration = (finished - started).total_seconds() * 1000.0
+    forward_error = status == StepStatus.FAILED.value
+    return AttemptRow(
+        index=row.index,
+        name=row.name,
+        attempt=row.retries + 1,
+        kind="step",
+        status=status,
+        started_at=started,
+        finished_at=finished,
+        duration_ms=duration,
+        error_type=row.error_type if forward_error else None,
+        error=row.error if forward_error else None,
+        traceback=row.traceback if forward_error else None,
+    )
+
+
+class DriverBase:
+    """State of one run being driven, saving it, and running attempts with retries."""
+
+    def __init__(
+        self,
+        *,
+        definition: WorkflowDefinition,
+        store: Store,
+        emitter: Emitter,
+        settings: Settings,
+        keeper: LeaseKeeper,
+        run_id: str,
+        input: Any,
+        input_plain: Any,
+        input_text: str,
+        version: int,
+        fence: int,
+        status: WorkflowStatus,
+        rows: dict[int, StepRow],
+        data: dict[str, Any],
+        signals: dict[str, Any],
+        started: float,
+    ) -> None:
+        self.definition = definition
+        self.store = store
+        self.emitter = emitter
+        self.settings = settings
+        self.keeper = keeper
+        self.id = run_id
+        self.input = input
+        self.input_plain = input_plain
+        self.input_text = input_text
+        # Each step gets the stored input, so what one step does to it never reaches the
+        # next (with or without a crash in between); immutable inputs need no copy.
+        self._input_shared = definition.input_spec is None and type(input_plain) in _IMMUTABLE
+        self.version = version
+        self.fence = fence
+        self.status = status
+        self.rows = rows
+        self.signals = signals
+        self.started = started
+        self.current_step = 0
+        self.names = definition.step_names
+        self.history: list[StepExecution] = [
+            entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
+        ]
+        self.tracked = TrackedData(data, max_size=settings.max_value_size)
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_row(
+        cls,
+        row: RunRow,
+        applied: Applied,
+        *,
+        definition: WorkflowDefinition,
+        input: Any,
+        input_plain: Any,
+        data: dict[str, Any],
+        rows: dict[int, StepRow] | None = None,
+        **kw: Any,
+    ) -> Self:
+        """A driver for a stored run this executor has just claimed."""
+        rows = {r.index: r for r in row.steps} if rows is None else rows
+        signals = {
+            r.waiting_for: decode(r.output) if r.output is not None else None
+            for r in sorted(rows.values(), key=lambda r: r.index)
+            if r.waiting_for is not None and r.status != StepStatus.SUSPENDED.value
+        }
+        return cls(
+            definition=definition,
+            run_id=row.id,
+            input=input,
+            input_plain=input_plain,
+            input_text=row.input,
+            version=applied.version,
+            fence=applied.fence,
+            status=WorkflowStatus(row.status),
+            rows=rows,
+            data=data,
+            signals=signals,
+            started=time.perf_counter(),
+            **kw,
+        )
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The live ``ctx.data`` the steps share."""
+        return self.tracked.data
+
+    @property
+    def label(self) -> str:
+        """How log lines name this run."""
+        return f"{self.definition.name}/{self.id}"
+
+    def _snapshot_history(self) -> tuple[StepExecution, ...]:
+        return tuple(self.history)
+
+    def _step_input(self) -> Any:
+        if self._input_shared:
+            return self.input
+        plain = decode(self.input_text)
+        spec = self.definition.input_spec
+        return plain if spec is None else spec.revive(plain)
+
+    def context(self, index: int, attempt: int = 1) -> WorkflowContext:
+        """A fresh context for one attempt (or hook call) at step ``index``."""
+        return WorkflowContext(
+            id=self.id,
+            name=self.definition.name,
+            input=self._step_input(),
+            data=self.data,
+            # A run is saved as running with its first step's outcome; its steps see it
+            # running already.
+            status=WorkflowStatus.RUNNING if self.status is _PENDING else self.status,
+            current_step=index,
+            step=self.names[index],
+            attempt=attempt,
+            signals=self.signals,
+            history=self._snapshot_history,
+        )
+
+    async def event(self, type_: TraceEventType, **fields: Any) -> None:
+        """Emit a trace event if anyone listens."""
+        if self.emitter.wants_events:
+            await self.emitter.emit(
+                FluxTraceEvent(
+                    type=type_,
+                    timestamp=now_ms(),
+                    workflow_id=self.id,
+                    workflow_name=self.definition.name,
+                    **fields,
+                )
+            )
+
+    async def save(
+        self,
+        *,
+        status: WorkflowStatus | Keep = KEEP,
+        insert_step: StepRow | None = None,
+        update_step: StepRow | None = None,
+        error: str | Keep | None = KEEP,
+        completed_at: dt.datetime | Keep | None = KEEP,
+        wait_name: str | Keep | None = KEEP,
+        release: bool = False,
+        attempts: tuple[AttemptRow, ...] = (),
+    ) -> None:
+        """Write one transition, fenced by this executor's claim."""
+        if status is self.status:
+            # Unchanged (a fenced write applies only to the run as this driver last saw it):
+            # writing it again would make the SQL stores rewrite their status indexes.
+            status = KEEP
+        if self.keeper.lost(self.id):
+            raise LeaseLostError(
+                f"run {self.id!r}: this executor's lease was taken over",
+                workflow_id=self.id,
+                workflow_name=self.definition.name,
+            )
+        t = Transition(
+            run_id=self.id,
+            expected_version=self.version,
+            updated_at=utcnow(),
+            fence=self.fence,
+            status=status if isinstance(status, Keep) else status.value,
+            current_step=self.current_step,
+            error=error,
+            completed_at=completed_at,
+            wait_name=wait_name,
+            insert_step=insert_step,
+            update_step=update_step,
+            # No lease renewal here: the LeaseKeeper thread does it, and leaving lease_until
+            # alone lets PostgreSQL update the run row in place (no index writes per step).
+            release=release,
+            attempts=attempts,
+        )
+        applied = await self.store.apply(t)
+        self.version = applied.version
+        if not isinstance(status, Keep):
+            self.status = status
+        for row in (insert_step, update_step):
+            if row is not None:
+                self.rows[row.index] = row
+                self.history[row.index] = entry(row)
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def _timeout_error(self, step: str, attempt: int, timeout: float) -> StepTimeoutError:
+        return StepTimeoutError(
+            f"step {step!r} timed out after {timeout:g}s (attempt {attempt})",
+            workflow_id=self.id,
+            workflow_name=self.definition.name,
+            step=step,
+        )
+
+    async def attempts(
+        self,
+        index: int,
+        step: StepDefinition,
+        fn: Callable[[WorkflowContext], Any],
+        *,
+        compensating: bool = False,
+    ) -> tuple[Any, str | None, WorkflowContext, int, dt.datetime]:
+        """Run ``fn`` with the step's retries.
+
+        Returns:
+            (result, changes to ``ctx.data``, the context, attempts made, when the last
+            attempt started).
+
+        Each failed attempt that is retried is added to the run's attempt log first.
+
+        Raises:
+            Failed: the last attempt failed (or the error is not retried).
+        """
+        retries = step.retries if step.retries is not None else self.settings.default_retries
+        timeout = step.timeout if step.timeout is not None else self.settings.default_timeout
+        policy = step.retry or self.settings.retry_policy
+        what = "compensation of step" if compensating else "step"
+        handle = Attempt(label=f"{self.label} {what} {step.name!r}", warn=self.emitter.log.warning)
+        attempt = 1
+        while True:
+            ctx = self.context(index, attempt)
+            started, t0 = utcnow(), time.perf_counter()
+            try:
+                result = await call_handler(
+                    fn,
+                    ctx,
+                    timeout,
+                    attempt=handle,
+                    executor=self.settings.executor,
+                    timed_out=functools.partial(
+                        self._timeout_error, step.name, attempt, timeout or 0.0
+                    ),
+                )
+                self.tracked.data = ctx.data
+                changes = self.tracked.diff()
+                return result, changes, ctx, attempt, started
+            except EngineClosedError:
+                self.tracked.restore()
+                raise
+            except Exception as exc:
+                self.tracked.restore()
+                failed = Failed(exc, attempt, started, t0)
+                retryable = not isinstance(
+                    exc, SerializationError | DefinitionError
+                ) and policy.should_retry(exc)
+                if attempt > retries or not retryable:
+                    raise failed from None
+            await self._retry(index, step, failed, retries, compensating)
+            delay = policy.delay(attempt)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if handle.thread is not None:
+                await self._await_thread(handle, step, attempt, started)
+            attempt += 1
+
+    async def _retry(
+        self, index: int, step: StepDefinition, failed: Failed, retries: int, compensating: bool
+    ) -> None:
+        info = failed.info
+        log = AttemptRow(
+            index=index,
+            name=step.name,
+            attempt=failed.attempts,
+            kind="compensation" if compensating else "step",
+            status=StepStatus.FAILED.value,
+            started_at=failed.started,
+            finished_at=utcnow(),
+            duration_ms=(time.perf_counter() - failed.t0) * 1000.0,
+            error_type=info.type,
+            error=info.message,
+            traceback=info.traceback,
+        )
+        await self.save(attempts=(log,))
+        if not compensating:
+            await self.event(
+                "step:retry",
+                step_name=step.name,
+                step_index=index,
+                commit=step.commit,
+                retries=failed.attempts,
+                max_retries=retries,
+                error=info.message,
+                status="running",
+                meta={"errorType": info.type},
+            )
+        self.emitter.log.info(
+            f"{self.label} step {step.name!r} attempt {failed.attempts} failed "
+            f"({info.type}: {info.message}); retrying"
+        )
+
+    async def _await_thread(
+        self, handle: Attempt, step: StepDefinition, attempt: int, started: dt.datetime
+    ) -> None:
+        """One attempt at a time: wait for a timed-out sync attempt's thread to return."""
+        assert handle.thread is not None
+        grace = self.settings.sync_timeout_grace
+        if not handle.thread.done():
+            self.emitter.log.warning(
+                f"{handle.label}: attempt {attempt} timed out but its thread is still running; "
+                f"waiting up to {grace:g}s for it before the next attempt"
+            )
+        if not await wait_for_thread(handle.thread, grace):
+            error = StepTimeoutError(
+                f"step {step.name!r}: attempt {attempt} timed out and its thread was still "
+                f"running {grace:g}s later (sync_timeout_grace); no further attempt was "
+                "started, so that two attempts never run at once",
+                workflow_id=self.id,
+                workflow_name=self.definition.name,
+                step=step.name,
+            )
+            raise Failed(error, attempt, started, time.perf_counter())
+        handle.thread = None
+
+    # -- results -----------------------------------------------------------------------------
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since this call started driving the run."""
+        return (time.perf_counter() - self.started) * 1000.0
+
+    def result(self) -> FluxResult:
+        """The outcome of this call, consistent with what was saved."""
+        return FluxResult(
+            id=self.id,
+            status=self.status,
+            data=self.tracked.committed(),
+            history=tuple(self.history),
+            duration_ms=self.elapsed_ms(),
+            error=self.error,
+        )

@@ -1,0 +1,75 @@
+"""Crash recovery of rollbacks: a rollback that makes progress between crashes is never
+given up as a crash loop (recorded compensations reset the crash counter), and each
+compensation still runs to its recorded end exactly once more than the crashes inside it.
+
+Uses the child program and flows of ``test_recovery.py``: children are killed for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_recovery import (
+    Paths,
+    counts,
+    crash_once,
+    make_engine,
+    only_run,
+    run_child,
+    saga_input,
+    statuses,
+    until_recoverable,
+)
+
+from fluxrun import WorkflowStatus
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths(db=str(tmp_path / "runs.db"), fx=str(tmp_path / "effects.log"), tmp=tmp_path)
+
+
+async def test_a_rollback_that_progresses_between_crashes_is_finished(paths: Paths) -> None:
+    max_recoveries = 2
+    # The executor dies inside each new compensation once: three crashes in all, more than
+    # max_recoveries, but every recovery records a compensation before the next crash.
+    crashes = [crash_once(paths, key, "kill") for key in ("undo_c", "undo_b", "undo_a")]
+    first = run_child(
+        paths,
+        action="execute",
+        flow="saga",
+        input=saga_input(paths, fail=True, crash=crashes),
+        max_recoveries=max_recoveries,
+    )
+    assert first.returncode == -9, first.stderr
+    async with make_engine(paths.db) as engine:
+        run = await only_run(engine)
+        assert run.status is WorkflowStatus.ROLLING_BACK
+        outputs = []
+        for _ in range(6):  # bounded: three crashes, then the run ends
+            await until_recoverable(engine, run.id)
+            child = run_child(paths, action="recover", max_recoveries=max_recoveries)
+            if child.returncode == 0:
+                outputs.append(json.loads(child.stdout))
+                break
+            assert child.returncode == -9, child.stderr
+        assert outputs == [{"statuses": ["rolled_back"]}]
+        state = await engine.get(run.id)
+        assert state is not None and state.status is WorkflowStatus.ROLLED_BACK
+        assert statuses(state) == {
+            "a": "compensated",
+            "b": "compensated",
+            "c": "compensated",
+            "d": "failed",
+        }
+        assert counts(paths, run.id) == {
+            "a": 1,
+            "b": 1,
+            "c": 1,
+            "d": 1,
+            "undo_c": 2,
+            "undo_b": 2,
+            "undo_a": 2,
+        }
