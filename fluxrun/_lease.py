@@ -84,8 +84,10 @@ class LeaseKeeper:
                     "may be holding the GIL in a long C call; runs are lost when a renewal "
                     "comes after the lease expires. Use a longer lease."
                 )
-            self.renew_now()
+            # Measured from when the previous renewal began: a renewal that itself stalled
+            # (a frozen database) leaves the lease just as close to expiring.
             self._last_renewal = time.monotonic()
+            self.renew_now()
 
     def stop(self) -> None:
         """Stop the renewal thread (waiting at most 5 s for it)."""

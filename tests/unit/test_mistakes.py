@@ -352,3 +352,42 @@ async def test_workflows_built_per_call_are_not_kept_alive(engine: FluxEngine) -
 def test_out_of_range_leases_are_refused(lease: float) -> None:
     with pytest.raises(InvalidArgumentError):
         FluxEngine(lease=lease)
+
+
+# -- a lease renewal that comes late is reported -------------------------------------------------
+
+
+def test_a_late_lease_renewal_is_logged() -> None:
+    from fluxrun._lease import LeaseKeeper
+    from fluxrun._trace import _Log
+    from fluxrun.storage.memory import MemoryStorage
+
+    class Capture:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def debug(self, message: str) -> None: ...
+        def info(self, message: str) -> None: ...
+        def error(self, message: str) -> None: ...
+
+        def warning(self, message: str) -> None:
+            self.lines.append(message)
+
+    capture = Capture()
+    keeper = LeaseKeeper(MemoryStorage(), owner="me", lease_seconds=0.3, log=_Log(capture))
+    stalls = [0.4]  # the first renewal stalls, as if a C call held the GIL
+
+    def renew_now() -> None:
+        if stalls:
+            time.sleep(stalls.pop())
+
+    keeper.renew_now = renew_now  # type: ignore[method-assign]
+    keeper.hold("run-1", 1)
+    try:
+        deadline = time.monotonic() + 30
+        while not capture.lines:
+            assert time.monotonic() < deadline, "no warning about the late renewal"
+            time.sleep(0.02)
+    finally:
+        keeper.stop()
+    assert "late" in capture.lines[0] and "GIL" in capture.lines[0]
