@@ -324,10 +324,10 @@ def object_text(items: Mapping[str, str]) -> str:
 
 
 def fingerprint(value: Any) -> bytes | None:
-    """A cheap text that differs whenever the strict encoding of ``value`` would, or None
-    when there is none ("treat as changed"). See the module docstring.
+    """Cheap bytes that differ whenever the strict encoding of ``value`` would, or None
+    when there are none ("treat as changed"). See the module docstring.
     """
     try:
         return pickle.dumps(value, protocol=5)
-    except Exception:  # unpicklable (or a __reduce__ that fails): treat as changed
+    except Exception:  # unpicklable (a class defined in a function, say): treat as changed
         return None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._codec import validate_text
+from ._invoke import is_async
 from ._retry import RetryPolicy, seconds
 from .errors import DefinitionError, EmptyWorkflowError, InvalidInputError, SerializationError
 
@@ -129,6 +130,15 @@ class StepDefinition:
     when: Condition | None = None
     commit: bool = False
     retry: RetryPolicy | None = None
+    handler_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
+    compensate_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Decided once here rather than per call (and never cached by handler: a cache
+        # keyed by handler would keep every workflow ever built alive).
+        object.__setattr__(self, "handler_is_async", is_async(self.handler))
+        comp = self.compensate
+        object.__setattr__(self, "compensate_is_async", comp is not None and is_async(comp))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,15 @@ from .storage._base import KEEP, Applied, AttemptRow, Keep, RunRow, StepRow, Sto
 if TYPE_CHECKING:
     from ._lease import LeaseKeeper
 
-__all__ = ["DriverBase", "Failed", "Settings", "final_attempt", "rollback_data", "utcnow"]
+__all__ = [
+    "DriverBase",
+    "Failed",
+    "Settings",
+    "final_attempt",
+    "rollback_data",
+    "since",
+    "utcnow",
+]
 
 _UTC = dt.UTC
 _COMPLETED = StepStatus.COMPLETED.value
@@ -51,6 +59,11 @@ _IMMUTABLE = (type(None), str, int, float, bool)
 def utcnow() -> dt.datetime:
     """The current time as an aware UTC datetime."""
     return dt.datetime.now(_UTC)
+
+
+def since(t0: float) -> dt.datetime:
+    """The UTC time at which ``time.perf_counter()`` read ``t0``."""
+    return utcnow() - dt.timedelta(seconds=time.perf_counter() - t0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +311,9 @@ class DriverBase:
         t = Transition(
             run_id=self.id,
             expected_version=self.version,
-            updated_at=utcnow(),
+            # A step row's own end time doubles as the run's update time (one clock read).
+            updated_at=(insert_step.completed_at if insert_step is not None else None)
+            or utcnow(),
             fence=self.fence,
             status=status if isinstance(status, Keep) else status.value,
             current_step=self.current_step,
@@ -323,27 +338,18 @@ class DriverBase:
 
     # -- attempts ----------------------------------------------------------------------------
 
-    def _timeout_error(self, step: str, attempt: int, timeout: float) -> StepTimeoutError:
-        return StepTimeoutError(
-            f"step {step!r} timed out after {timeout:g}s (attempt {attempt})",
-            workflow_id=self.id,
-            workflow_name=self.definition.name,
-            step=step,
-        )
-
     async def attempts(
         self,
         index: int,
         step: StepDefinition,
-        fn: Callable[[WorkflowContext], Any],
         *,
         compensating: bool = False,
-    ) -> tuple[Any, str | None, WorkflowContext, int, dt.datetime]:
+    ) -> tuple[Any, str | None, WorkflowContext, int, float]:
         """Run ``fn`` with the step's retries.
 
         Returns:
             (result, changes to ``ctx.data``, the context, attempts made, when the last
-            attempt started).
+            attempt started by ``time.perf_counter``).
 
         Each failed attempt that is retried is added to the run's attempt log first.
 
@@ -353,32 +359,41 @@ class DriverBase:
         retries = step.retries if step.retries is not None else self.settings.default_retries
         timeout = step.timeout if step.timeout is not None else self.settings.default_timeout
         policy = step.retry or self.settings.retry_policy
-        what = "compensation of step" if compensating else "step"
-        handle = Attempt(label=f"{self.label} {what} {step.name!r}", warn=self.emitter.log.warning)
+        if compensating:
+            assert step.compensate is not None
+            fn, fn_is_async = step.compensate, step.compensate_is_async
+        else:
+            fn, fn_is_async = step.handler, step.handler_is_async
+        handle = Attempt(
+            self.id,
+            self.definition.name,
+            step.name,
+            "compensation of step" if compensating else "step",
+            self.emitter.log.warning,
+        )
         attempt = 1
         while True:
             ctx = self.context(index, attempt)
-            started, t0 = utcnow(), time.perf_counter()
+            handle.number = attempt
+            t0 = time.perf_counter()
             try:
                 result = await call_handler(
                     fn,
+                    fn_is_async,
                     ctx,
                     timeout,
                     attempt=handle,
                     executor=self.settings.executor,
-                    timed_out=functools.partial(
-                        self._timeout_error, step.name, attempt, timeout or 0.0
-                    ),
                 )
                 self.tracked.data = ctx.data
                 changes = self.tracked.diff()
-                return result, changes, ctx, attempt, started
+                return result, changes, ctx, attempt, t0
             except EngineClosedError:
                 self.tracked.restore()
                 raise
             except Exception as exc:
                 self.tracked.restore()
-                failed = Failed(exc, attempt, started, t0)
+                failed = Failed(exc, attempt, since(t0), t0)
                 retryable = not isinstance(
                     exc, SerializationError | DefinitionError
                 ) and policy.should_retry(exc)
@@ -389,7 +404,7 @@ class DriverBase:
             if delay > 0:
                 await asyncio.sleep(delay)
             if handle.thread is not None:
-                await self._await_thread(handle, step, attempt, started)
+                await self._await_thread(handle, step, attempt, failed.started)
             attempt += 1
 
     async def _retry(

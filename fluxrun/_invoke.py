@@ -101,13 +101,31 @@ def is_async(fn: Callable[..., Any]) -> bool:
 
 @dataclass(slots=True)
 class Attempt:
-    """What the runner needs to know about one attempt besides its result."""
+    """The attempts of one step (or compensation) being made, besides their results."""
 
-    label: str
-    """``"<workflow>/<run id> step 'name'"`` for log lines."""
+    run_id: str
+    workflow: str
+    step: str
+    kind: str
+    """``"step"`` or ``"compensation of step"``."""
     warn: Callable[[str], None]
+    number: int = 1
     thread: concurrent.futures.Future[Any] | None = None
     """The thread of a sync attempt that timed out and may still be running."""
+
+    @property
+    def label(self) -> str:
+        """``"<workflow>/<run id> step 'name'"`` for log lines (built only when logging)."""
+        return f"{self.workflow}/{self.run_id} {self.kind} {self.step!r}"
+
+    def timed_out(self, timeout: float) -> StepTimeoutError:
+        """The error of an attempt that ran past ``timeout`` seconds."""
+        return StepTimeoutError(
+            f"step {self.step!r} timed out after {timeout:g}s (attempt {self.number})",
+            workflow_id=self.run_id,
+            workflow_name=self.workflow,
+            step=self.step,
+        )
 
 
 class _Timed:
@@ -160,14 +178,14 @@ class _Timed:
                 value, error = None, exc
 
 
-async def _limited(awaitable: Any, timeout: float, timed_out: Callable[[], Exception]) -> Any:
+async def _limited(awaitable: Any, timeout: float, attempt: Attempt) -> Any:
     scope = asyncio.timeout(timeout)
     try:
         async with scope:
             return await awaitable
     except TimeoutError as exc:
         if scope.expired():
-            raise timed_out() from exc
+            raise attempt.timed_out(timeout) from exc
         raise
 
 
@@ -183,23 +201,23 @@ def _check_waits(made: list[WaitMarker], result: Any, step: str) -> None:
 
 async def call_handler(
     fn: Callable[[WorkflowContext], Any],
+    fn_is_async: bool,
     ctx: WorkflowContext,
     timeout: float | None,
     *,
     attempt: Attempt,
     executor: Callable[[], Executor],
-    timed_out: Callable[[], StepTimeoutError],
 ) -> Any:
     """Run one attempt of ``fn``; return its result or raise its error."""
     made: list[WaitMarker] = []
     token = MADE_WAITS.set(made)
     try:
-        if is_async(fn):
+        if fn_is_async:
             timed = _Timed(fn(ctx), attempt, timeout)
-            result = await (timed if timeout is None else _limited(timed, timeout, timed_out))
+            result = await (timed if timeout is None else _limited(timed, timeout, attempt))
         else:
-            result = await _call_sync(fn, ctx, timeout, attempt, executor, timed_out)
-        if inspect.isawaitable(result):
+            result = await _call_sync(fn, ctx, timeout, attempt, executor)
+        if result is not None and inspect.isawaitable(result):
             result = await result
     finally:
         MADE_WAITS.reset(token)
@@ -214,7 +232,6 @@ async def _call_sync(
     timeout: float | None,
     attempt: Attempt,
     executor: Callable[[], Executor],
-    timed_out: Callable[[], StepTimeoutError],
 ) -> Any:
     # The copied context carries MADE_WAITS (the same list) into the thread.
     try:
@@ -225,7 +242,7 @@ async def _call_sync(
     try:
         if timeout is None:
             return await future
-        return await _limited(future, timeout, timed_out)
+        return await _limited(future, timeout, attempt)
     except StepTimeoutError:
         if not thread.done():
             attempt.thread = thread  # the runner waits for it before the next attempt

@@ -9,12 +9,11 @@ it as done by hand.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import replace
 
 from ._definition import StepDefinition
-from ._driver import DriverBase, Failed, utcnow
+from ._driver import DriverBase, Failed, since, utcnow
 from ._records import FluxResult, StepStatus, WorkflowStatus
 from .errors import CompensationError, FluxError
 from .storage._base import AttemptRow, StepRow
@@ -39,7 +38,7 @@ class RollbackDriver(DriverBase):
             index=index,
             name=step.name,
             status=StepStatus.FAILED.value,
-            started_at=failed.started if failed.attempts == 1 else self._first_start(t0),
+            started_at=failed.started if failed.attempts == 1 else since(t0),
             completed_at=utcnow(),
             duration_ms=duration,
             error=info.message,
@@ -71,8 +70,6 @@ class RollbackDriver(DriverBase):
         self.error = failed.error
         return await self.rollback(index, info.message)
 
-    def _first_start(self, t0: float) -> dt.datetime:
-        return utcnow() - dt.timedelta(seconds=time.perf_counter() - t0)
 
     def pivot(self, before: int) -> int | None:
         """The last completed commit step before index ``before``, if any."""
@@ -148,9 +145,7 @@ class RollbackDriver(DriverBase):
         assert step.compensate is not None
         t0 = time.perf_counter()
         try:
-            _, changes, _, attempts, started = await self.attempts(
-                index, step, step.compensate, compensating=True
-            )
+            _, changes, _, attempts, t_last = await self.attempts(index, step, compensating=True)
         except Failed as failed:
             failure: Failed | None = failed
         else:
@@ -158,6 +153,7 @@ class RollbackDriver(DriverBase):
         if failure is not None:
             return await self._compensation_failed(index, step, row, failure, message)
         now = utcnow()
+        started = since(t_last)
         done = replace(
             row,
             status=_COMPENSATED,

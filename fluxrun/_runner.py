@@ -116,7 +116,7 @@ class RunDriver(RollbackDriver):
         started = utcnow()
         t0 = time.perf_counter()
         try:
-            result, changes, ctx, attempts, _ = await self.attempts(index, step, step.handler)
+            result, changes, ctx, attempts, _ = await self.attempts(index, step)
         except Failed as failed:
             failure: Failed | None = failed
         else:

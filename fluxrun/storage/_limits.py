@@ -83,8 +83,37 @@ def check_new_run(run: RunRow) -> None:
     _int(run.id, run.current_step, 32, "current_step")
 
 
+_FAST = INT32_MAX
+
+
 def check_transition_numbers(t: Transition) -> None:
     """Refuse a transition carrying a number no backend can store (nothing is written)."""
+    step = t.insert_step
+    # The usual step commit, checked in one expression (this runs for every step on every
+    # store); anything else, or anything unusual, takes the precise path below.
+    if (
+        0 <= t.expected_version < _FAST
+        and (t.fence is None or 0 <= t.fence < _FAST)
+        and (type(t.current_step) is not int or 0 <= t.current_step < _FAST)
+        and t.update_step is None
+        and t.delete_steps_from is None
+        and not t.keep_steps
+        and not t.attempts
+        and (
+            step is None
+            or (
+                0 <= step.index < _FAST
+                and 0 <= step.retries < _FAST
+                and 0 <= step.fence < _FAST
+                and (step.duration_ms is None or -1e300 < step.duration_ms < 1e300)
+            )
+        )
+    ):
+        return
+    _check_all(t)
+
+
+def _check_all(t: Transition) -> None:
     run_id = t.run_id
     _int(run_id, t.expected_version, 64, "expected_version")
     if t.fence is not None:
