@@ -79,8 +79,9 @@ def _row_from_state(state: WorkflowState) -> RunRow:
             retries=h.retries,
             error_type=h.error_type,
             traceback=h.traceback,
-            # The whole data rides on the last recorded step: replay then yields it.
-            changes=data_text if (i, h) == recorded[-1] else None,
+            # The whole data rides on the first recorded step: replaying any rows gives it,
+            # so a resume from any later step starts from the data as last saved.
+            changes=data_text if (i, h) == recorded[0] else None,
         )
         for i, h in recorded
     )

@@ -175,6 +175,11 @@ async def test_a_new_engine_continues_a_run_from_the_users_storage() -> None:
         assert done.data == {"reserved": ["book"], "shipped_by": "cy"}
         again = await second.resume(order, run.id, from_step="ship")
         assert again is not None and again.status == WorkflowStatus.COMPLETED
+    # After another restart, a resume from a later step starts from the saved data.
+    async with FluxEngine(storage=storage) as third:
+        again = await third.resume(order, run.id, from_step="approve")
+        assert again is not None and again.status == WorkflowStatus.SUSPENDED
+        assert again.data == {"reserved": ["book"], "shipped_by": "cy"}
 
 
 async def test_a_failing_user_storage_is_a_storage_error() -> None:
