@@ -391,3 +391,32 @@ def test_a_late_lease_renewal_is_logged() -> None:
     finally:
         keeper.stop()
     assert "late" in capture.lines[0] and "GIL" in capture.lines[0]
+
+
+def test_a_failing_hook_is_visible_without_any_logging_setup() -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    program = textwrap.dedent(
+        """
+        import asyncio
+        from fluxrun import FluxEngine, create_workflow
+
+        def broken(step_name, ctx, execution):
+            raise RuntimeError("hook bug")
+
+        async def main():
+            async with FluxEngine(on={"step_complete": broken}) as engine:
+                result = await engine.execute(create_workflow("w").step("s", lambda ctx: None))
+                print(result.status.value)
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "completed"  # the hook never changes the outcome
+    assert "hook step_complete failed" in done.stderr and "hook bug" in done.stderr
