@@ -376,7 +376,7 @@ async def test_a_tag_key_in_ctx_data_survives_a_signal(
 
 
 class DictStorage:
-    """A user's own storage with the seed's interface: whole states in a dict."""
+    """A user's own WorkflowStorage (@gravito/flux's interface): whole states in a dict."""
 
     def __init__(self) -> None:
         self.states: dict[str, WorkflowState] = {}
@@ -402,7 +402,7 @@ async def test_a_tag_key_in_ctx_data_reads_back_from_a_users_own_storage(
     users = DictStorage()
     seen: list[dict[str, Any]] = []
     flow = (
-        create_workflow(unique("seed"))
+        create_workflow(unique("whole-state"))
         .step("s1", lambda ctx: ctx.data.update(data))
         .step("s2", lambda ctx: seen.append(dict(ctx.data)))
         .build()
