@@ -92,6 +92,23 @@ class Failed(Exception):
         self.t0 = t0
         self.info: ErrorInfo = describe(error)
 
+    def log_row(self, index: int, name: str, kind: str) -> AttemptRow:
+        """This failed attempt as an entry of the run's attempt log."""
+        info = self.info
+        return AttemptRow(
+            index=index,
+            name=name,
+            attempt=self.attempts,
+            kind=kind,
+            status=StepStatus.FAILED.value,
+            started_at=self.started,
+            finished_at=utcnow(),
+            duration_ms=(time.perf_counter() - self.t0) * 1000.0,
+            error_type=info.type,
+            error=info.message,
+            traceback=info.traceback,
+        )
+
 
 @functools.lru_cache(maxsize=4096)
 def _pending(name: str) -> StepExecution:
@@ -411,19 +428,7 @@ class DriverBase:
         self, index: int, step: StepDefinition, failed: Failed, retries: int, compensating: bool
     ) -> None:
         info = failed.info
-        log = AttemptRow(
-            index=index,
-            name=step.name,
-            attempt=failed.attempts,
-            kind="compensation" if compensating else "step",
-            status=StepStatus.FAILED.value,
-            started_at=failed.started,
-            finished_at=utcnow(),
-            duration_ms=(time.perf_counter() - failed.t0) * 1000.0,
-            error_type=info.type,
-            error=info.message,
-            traceback=info.traceback,
-        )
+        log = failed.log_row(index, step.name, "compensation" if compensating else "step")
         await self.save(attempts=(log,))
         if not compensating:
             await self.event(

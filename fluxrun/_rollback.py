@@ -201,19 +201,7 @@ class RollbackDriver(DriverBase):
         error.__cause__ = failed.error
         self.error = error
         self.emitter.log.error(f"{self.label}: {text}", failed.error)
-        log = AttemptRow(
-            index=index,
-            name=step.name,
-            attempt=failed.attempts,
-            kind="compensation",
-            status=StepStatus.FAILED.value,
-            started_at=failed.started,
-            finished_at=utcnow(),
-            duration_ms=(time.perf_counter() - failed.t0) * 1000.0,
-            error_type=info.type,
-            error=info.message,
-            traceback=info.traceback,
-        )
+        log = failed.log_row(index, step.name, "compensation")
         stuck = replace(
             row,
             status=_COMPENSATING,
