@@ -394,7 +394,7 @@ class StoreModel(RuleBasedStateMachine):
         self.both(
             f"renew_leases {owner} {fences}",
             lambda s: asyncio.to_thread(s.renew_leases, owner, fences, LONG_LEASE),
-            lambda lost: lost,
+            lambda renewed: renewed,
         )
 
     @invariant()
