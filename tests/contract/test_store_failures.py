@@ -349,7 +349,8 @@ async def test_a_new_run_with_numbers_beyond_a_column_is_refused(store: Store) -
 async def test_renewing_with_a_fence_beyond_64_bits_loses_that_lease(store: Store) -> None:
     await store.create(make_run("r1"), lease_owner="a", lease_seconds=LONG_LEASE)
     fences = {"r1": 1, "r2": 2**64, "r3": -(2**70)}
-    assert (await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE)).lost == {"r2", "r3"}
+    renewed = await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE)
+    assert renewed.lost == {"r2", "r3"}
     assert (await asyncio.to_thread(store.renew_leases, "a", {"r1": 2**63}, 60)).lost == {"r1"}
 
 
