@@ -544,6 +544,7 @@ async def test_hostile_strings_are_stored_and_filtered_exactly(
             ("flux_attempts",),
             ("flux_runs",),
             ("flux_schema",),
+            ("flux_signals",),
             ("flux_steps",),
         ]
 
