@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -437,9 +438,17 @@ class MemoryStorage(Store):
 
 
 def _replace(row: RunRow, **changes: object) -> RunRow:
-    # dataclasses.replace re-runs __init__ with every field; copying the slots is cheaper on
-    # the per-step path.
+    # dataclasses.replace re-runs __init__ with every field; on the per-step path it is
+    # cheaper to read every slot in one call and set each through its slot descriptor
+    # (which a frozen dataclass's __setattr__ does not guard).
     new = object.__new__(RunRow)
-    for name in RunRow.__slots__:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(row, name))
+    get = changes.get
+    for (set_slot, name), value in zip(_SLOT_SETTERS, _ROW_SLOTS(row), strict=True):
+        set_slot(new, get(name, value))
     return new
+
+
+_ROW_SLOTS = operator.attrgetter(*RunRow.__slots__)
+_SLOT_SETTERS: tuple[tuple[Callable[[RunRow, object], None], str], ...] = tuple(
+    (getattr(RunRow, name).__set__, name) for name in RunRow.__slots__
+)
