@@ -62,7 +62,7 @@ class LeaseKeeper:
         if not fences:
             return
         try:
-            lost = self._store.renew_leases(self._owner, fences, self._lease)
+            lost = self._store.renew_leases(self._owner, fences, self._lease).lost
         except Exception as exc:
             # The next save checks the fence anyway; a failed renewal only risks expiry.
             self._log.error("lease renewal failed", exc)

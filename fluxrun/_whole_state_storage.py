@@ -14,10 +14,17 @@ The attempt log (``engine.attempts``) lives only in the in-process cache: a
 :class:`WorkflowState` has no place for it, so it is not written to the user's storage, and
 a run read back after a restart starts with an empty log. ``delete`` refuses a run that this
 process is executing right now (:class:`~fluxrun.errors.RunBusyError`), like every store.
+
+The scheduling verbs (``start``, ``claim_due``, ``next_due``, ``send_signal``, ``request``)
+raise :class:`~fluxrun.errors.StorageError`: a whole-state store has no atomic
+insert-or-observe, no claim over sets of runs and no signal inbox, and answering them from
+the in-process cache would lose signals and requests on a restart. ``counts`` is computed
+from ``list``; a run has no inbox, so ``list_signals`` is empty and ``first_signal`` None.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -26,7 +33,20 @@ from ._codec import encode
 from ._records import StepStatus, WorkflowFilter, WorkflowState
 from ._state import changes_text, to_state
 from .errors import StorageError
-from .storage._base import Applied, AttemptRow, ListQuery, RunRow, StepRow, Store, Transition
+from .storage._base import (
+    Applied,
+    AttemptRow,
+    ListQuery,
+    Renewed,
+    RequestKind,
+    RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
+    StepRow,
+    Store,
+    Transition,
+)
 from .storage._limits import page, row_limit
 from .storage.memory import MemoryStorage
 
@@ -224,6 +244,59 @@ class WholeStateStorageAdapter(Store):
         unique = {r.id: r for r in found}
         return list(unique.values())[:limit]
 
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
         """Leases live in the in-process cache."""
         return self._cache.renew_leases(owner, fences, lease_seconds)
+
+    def _unsupported(self, verb: str) -> StorageError:
+        return StorageError(
+            f"{verb} is not supported by a WorkflowStorage ({type(self.user).__name__}): "
+            "use SQLiteStorage or PostgresStorage for scheduling, signals and requests"
+        )
+
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        """Not supported (see the module)."""
+        raise self._unsupported("start")
+
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        """Not supported (see the module)."""
+        raise self._unsupported("claim_due")
+
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        """Not supported (see the module)."""
+        raise self._unsupported("next_due")
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        """Not supported (see the module)."""
+        raise self._unsupported("send_signal")
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """A whole-state run has no inbox: always empty."""
+        return []
+
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        """A whole-state run has no inbox: always None."""
+        return None
+
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        """Not supported (see the module)."""
+        raise self._unsupported("request")
+
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        """Runs by status, from the user's storage."""
+        found: dict[str, int] = {}
+        for row in await self.list_runs(ListQuery(name=name)):
+            found[row.status] = found.get(row.status, 0) + 1
+        return found

@@ -20,25 +20,41 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from .._records import WorkflowStatus
-from ..errors import ConcurrentModificationError, LeaseLostError, RunBusyError
+from ..errors import (
+    ConcurrentModificationError,
+    InvalidArgumentError,
+    LeaseLostError,
+    RunBusyError,
+)
 
 __all__ = [
+    "FINISHED_STATUSES",
     "KEEP",
     "RECOVERABLE_STATUSES",
+    "REQUEST_KINDS",
     "Applied",
     "AttemptRow",
     "Claim",
     "Keep",
     "ListQuery",
+    "Renewed",
+    "RequestKind",
     "RunRow",
+    "SignalRef",
+    "SignalRow",
+    "SignalSent",
+    "Started",
     "StepRow",
     "Store",
     "Transition",
+    "check_request_kind",
     "check_transition",
     "delete_busy_error",
+    "stronger_request",
     "transition_error",
 ]
 
@@ -123,6 +139,13 @@ class RunRow:
     started (used to refuse continuing a run whose workflow changed shape). ``owner``,
     ``fence`` and ``lease_until`` describe the current lease (``lease_until`` by the store's
     clock). ``claims`` counts claims since the run last recorded progress or released cleanly.
+
+    Scheduling columns (schema 3): ``run_after`` is when a waiting run becomes due (store
+    clock; None: no timer), ``wait_kind`` what it waits for (``"signal"``, ``"sleep"``,
+    ``"backoff"``, ...; a signal wait names its signal in ``wait_name``), ``attempt`` the
+    durable attempt number of the current step, ``requested`` a pending ``"cancel"`` or
+    ``"pause"`` (with ``request_reason``), ``priority`` the claim order (higher first), and
+    ``idempotency_key`` the key the run was started with (unique per workflow name).
     """
 
     id: str
@@ -143,6 +166,13 @@ class RunRow:
     claims: int = 0
     wait_name: str | None = None
     steps: tuple[StepRow, ...] = ()
+    run_after: dt.datetime | None = None
+    wait_kind: str | None = None
+    attempt: int = 0
+    requested: str | None = None
+    request_reason: str | None = None
+    priority: int = 0
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +181,14 @@ class Claim:
 
     owner: str
     lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRef:
+    """Which inbox row a transition consumes (by its ``seq``), and the step consuming it."""
+
+    seq: int
+    step: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +212,13 @@ class Transition:
     (progress: ``insert_step`` or ``update_step`` without a ``claim``) sets it to 1 (the
     current claim), so ``claims`` counts the claims since the run last moved forward.
     ``version`` rises by one.
+
+    Scheduling patches (``KEEP`` by default, so a plain step commit writes none of them):
+    ``run_after``, ``wait_kind``, ``attempt``, and ``requested`` (only ``None``: clear a
+    pending request and its reason). ``consume_signal`` marks that inbox row of the run
+    consumed (``consumed_by_step``, ``consumed_at = updated_at``) in the same transaction;
+    if it does not exist or was consumed already the whole transition fails with
+    ``ConcurrentModificationError``: a signal is consumed exactly once.
     """
 
     run_id: str
@@ -193,6 +238,11 @@ class Transition:
     renew_lease: float | None = None
     release: bool = False
     attempts: tuple[AttemptRow, ...] = ()
+    run_after: dt.datetime | Keep | None = KEEP
+    wait_kind: str | Keep | None = KEEP
+    attempt: int | Keep = KEEP
+    requested: Keep | None = KEEP
+    consume_signal: SignalRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +263,66 @@ class ListQuery:
     offset: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What :meth:`Store.start` found: the run's id, whether this call created it, and the
+    ``input_hash`` stored with the run (the existing run's when ``created`` is False)."""
+
+    run_id: str
+    created: bool
+    input_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRow:
+    """One row of a run's signal inbox. ``seq`` is the insertion order within the run (from
+    1); ``payload`` encoded JSON text; ``created_at`` by the store's clock;
+    ``consumed_by_step``/``consumed_at`` are None until a transition consumes it."""
+
+    seq: int
+    name: str
+    payload: str
+    dedupe_key: str | None
+    created_at: dt.datetime
+    consumed_by_step: int | None = None
+    consumed_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent:
+    """What :meth:`Store.send_signal` did: the inbox row's ``seq``, and False in ``created``
+    when the dedupe key was seen before for that run (``seq`` is then the earlier row's)."""
+
+    seq: int
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """What :meth:`Store.renew_leases` found: the runs the owner lost, and for the runs it
+    still holds, the pending request of each that has one (run id -> ``"cancel"``/``"pause"``)."""
+
+    lost: set[str] = field(default_factory=set)
+    requested: dict[str, str] = field(default_factory=dict)
+
+
+RequestKind = Literal["cancel", "pause"]
+
 RECOVERABLE_STATUSES: tuple[str, ...] = (
     WorkflowStatus.PENDING.value,
     WorkflowStatus.RUNNING.value,
     WorkflowStatus.ROLLING_BACK.value,
 )
 """Statuses of runs that stopped half-way and that recovery continues."""
+
+FINISHED_STATUSES: tuple[str, ...] = (
+    WorkflowStatus.COMPLETED.value,
+    WorkflowStatus.FAILED.value,
+    WorkflowStatus.ROLLED_BACK.value,
+    WorkflowStatus.COMPENSATION_FAILED.value,
+    WorkflowStatus.CANCELLED.value,
+)
+"""Statuses of runs that are over: no signal, request or claim applies to them."""
 
 
 class Store(abc.ABC):
@@ -277,11 +381,93 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
-        """Extend the leases ``owner`` holds (run id -> fence); return the ids it lost.
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
+        """Extend the leases ``owner`` holds (run id -> fence); report the ids it lost and
+        the pending cancel/pause requests of the runs it kept.
 
         Called from a background thread, so it must not use the event loop's connections.
         """
+
+    # -- scheduling (schema 3) ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        """Insert-or-observe a new run (without step rows), owned by ``lease_owner`` if given.
+
+        If a run with this id, or of this workflow name with this idempotency key (the
+        argument, else ``run.idempotency_key``), exists, nothing is written and that run is
+        reported with ``created=False`` (the key match wins over the id match). Race-free
+        across processes: of concurrent starts with one key exactly one creates the run.
+        """
+
+    @abc.abstractmethod
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        """Claim up to ``limit`` due runs of these workflows; return them (without step rows)
+        in claim order.
+
+        A run is due when no live lease owns it and it is: pending, running or rolling_back
+        (unowned, or its lease expired) with no ``run_after`` in the future; suspended with
+        ``run_after <= now``; suspended with ``wait_kind == "signal"`` and an unconsumed inbox
+        row named ``wait_name``; or unfinished with a pending request. Order: expired leases
+        first, then ``priority`` descending, then ``run_after`` (else ``created_at``), then
+        insertion. Each claim sets the owner and a lease, raises ``fence``, ``claims`` and
+        ``version`` by one (``updated_at`` and ``status`` are left to the claimer's first
+        transition), all in one transaction; two claimers never get the same run.
+        """
+
+    @abc.abstractmethod
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        """The earliest ``run_after`` among pending and suspended runs of these workflows
+        (possibly in the past), or None: when a scheduler should look again at the latest."""
+
+    @abc.abstractmethod
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        """Append a signal (``payload``: encoded JSON text) to an unfinished run's inbox.
+
+        The run's row is locked first, so a transition that checks the inbox before
+        suspending cannot miss a signal sent meanwhile. The run itself is not changed.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+            InvalidStateError: the run is finished (see :data:`FINISHED_STATUSES`).
+        """
+
+    @abc.abstractmethod
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """Every inbox row of the run, consumed or not, by ``seq`` (empty if unknown)."""
+
+    @abc.abstractmethod
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        """The oldest unconsumed inbox row of the run with this name, or None."""
+
+    @abc.abstractmethod
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        """Ask whoever drives the run to cancel or pause it; False if the run is finished.
+
+        Idempotent, and a cancel replaces a pending pause (never the reverse); a repeated
+        or weaker request leaves the stored one and its reason. The run's version is not
+        changed, so its owner's next step commit still applies: the owner learns of the
+        request from :meth:`renew_leases` (or a claimer from the run row).
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+
+    @abc.abstractmethod
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        """How many runs (of workflow ``name``, or all) are in each status (absent: 0)."""
 
 
 def check_transition(run: RunRow, t: Transition, now: dt.datetime) -> None:
@@ -328,6 +514,20 @@ def transition_error(
             workflow_name=name,
         )
     return None
+
+
+REQUEST_KINDS: tuple[str, ...] = ("cancel", "pause")
+
+
+def check_request_kind(kind: object) -> None:
+    """Refuse a request kind other than ``"cancel"``/``"pause"`` (nothing is written)."""
+    if kind not in REQUEST_KINDS:
+        raise InvalidArgumentError(f"a request is 'cancel' or 'pause', got {kind!r}")
+
+
+def stronger_request(current: str | None, kind: str) -> bool:
+    """Whether a request of ``kind`` replaces the pending ``current`` (cancel beats pause)."""
+    return current is None or (current == "pause" and kind == "cancel")
 
 
 def delete_busy_error(run_id: str, name: str | None, owner: str | None) -> RunBusyError:

@@ -81,6 +81,8 @@ def check_new_run(run: RunRow) -> None:
     _int(run.id, run.version, 64, "version")
     _int(run.id, run.fence, 64, "fence")
     _int(run.id, run.current_step, 32, "current_step")
+    _int(run.id, run.attempt, 32, "attempt")
+    _int(run.id, run.priority, 32, "priority")
 
 
 _FAST = INT32_MAX
@@ -99,6 +101,8 @@ def check_transition_numbers(t: Transition) -> None:
         and t.delete_steps_from is None
         and not t.keep_steps
         and not t.attempts
+        and t.attempt is KEEP
+        and t.consume_signal is None
         and (
             step is None
             or (
@@ -130,6 +134,11 @@ def _check_all(t: Transition) -> None:
             _int(run_id, step.retries, 32, "step retries")
             _int(run_id, step.fence, 64, "step fence")
             _duration(run_id, step.duration_ms)
+    if t.attempt is not KEEP:
+        _int(run_id, t.attempt, 32, "attempt")  # type: ignore[arg-type]
+    if t.consume_signal is not None:
+        _int(run_id, t.consume_signal.seq, 32, "signal seq")
+        _int(run_id, t.consume_signal.step, 32, "consuming step")
     for attempt in t.attempts:
         _int(run_id, attempt.index, 32, "attempt step index")
         _int(run_id, attempt.attempt, 32, "attempt number")

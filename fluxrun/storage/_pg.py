@@ -12,7 +12,7 @@ import datetime as dt
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
@@ -28,7 +28,8 @@ _INSTALL_HINT = "PostgresStorage needs psycopg 3 and psycopg-pool: pip install '
 # The orders of storage/_rows.py (RUN_COLUMNS, STEP_COLUMNS), with JSON read back as text.
 RUN_SELECT = (
     "id, name, definition_version, status, input::text, step_names::text, current_step, error, "
-    "created_at, updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name"
+    "created_at, updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name, "
+    "run_after, wait_kind, attempt, requested, request_reason, priority, idempotency_key"
 )
 STEP_SELECT = (
     "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "
@@ -52,18 +53,12 @@ _STEP_FIELD_VALUES = (
 STEP_TARGET = "run_id, idx, " + _STEP_FIELDS
 STEP_VALUES = "%s::text, %s::integer, " + _STEP_FIELD_VALUES
 SET_STEP = "UPDATE flux_steps SET (" + _STEP_FIELDS + ") = (SELECT " + _STEP_FIELD_VALUES + ")"
-INSERT_RUN = (
-    "INSERT INTO flux_runs (id, name, definition_version, status, input, step_names, "
-    "current_step, error, created_at, updated_at, completed_at, version, fence, owner, "
-    "lease_until, claims, wait_name) VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, "
-    "%s, %s, %s, %s, %s, %s, {lease}, %s, %s)"
-)
 NEW_LEASE = "clock_timestamp() + make_interval(secs => %s::double precision)"
 UNOWNED = "(owner IS NULL OR lease_until IS NULL OR lease_until <= now())"
 RENEW = (
     "UPDATE flux_runs AS r SET lease_until = " + NEW_LEASE + " "
     "FROM unnest(%s::text[], %s::bigint[]) AS h(id, fence) "
-    "WHERE r.id = h.id AND r.fence = h.fence AND r.owner = %s RETURNING r.id"
+    "WHERE r.id = h.id AND r.fence = h.fence AND r.owner = %s RETURNING r.id, r.requested"
 )
 # Appends a transition's attempts, numbered on from the run's last one; the transition's
 # compare-and-set holds the run's row lock, so no other writer numbers attempts meanwhile.
@@ -152,7 +147,9 @@ def check_timeout(value: object) -> float:
 
 
 async def fetchall(
-    conn: psycopg.AsyncConnection[Any], query: str, params: Sequence[Any] = ()
+    conn: psycopg.AsyncConnection[Any],
+    query: str,
+    params: Sequence[Any] | Mapping[str, Any] = (),
 ) -> list[tuple[Any, ...]]:
     from psycopg.rows import tuple_row
 

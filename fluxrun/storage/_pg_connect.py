@@ -291,10 +291,11 @@ class LeaseRenewer:
 
     def renew(
         self, settings: tuple[str, dict[str, Any]], params: Sequence[Any], seconds: float
-    ) -> set[str]:
-        """Run the renewal statement; the ids it renewed. Reconnects once when the kept
-        connection was broken (a server restart, a network cut); a renewal that gets no
-        answer within the timeout is cut off (StorageError)."""
+    ) -> dict[str, str | None]:
+        """Run the renewal statement; the ids it renewed, each with its pending request (or
+        None). Reconnects once when the kept connection was broken (a server restart, a
+        network cut); a renewal that gets no answer within the timeout is cut off
+        (StorageError)."""
         import psycopg
 
         with self._lock:
@@ -313,7 +314,7 @@ class LeaseRenewer:
                             "SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),)
                         )
                         cur.execute(RENEW, params)
-                        renewed = {r[0] for r in cur.fetchall()}
+                        renewed = {r[0]: r[1] for r in cur.fetchall()}
                     conn.commit()
                     return renewed
                 except psycopg.Error as exc:

@@ -13,15 +13,17 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._base import AttemptRow, RunRow, StepRow
+from ._base import AttemptRow, RunRow, SignalRow, StepRow
 
 __all__ = [
     "ATTEMPT_COLUMNS",
     "RUN_COLUMNS",
+    "SIGNAL_COLUMNS",
     "STEP_COLUMNS",
     "attempt_fields",
     "attempt_from",
     "run_from",
+    "signal_from",
     "step_fields",
     "step_from",
 ]
@@ -44,8 +46,26 @@ RUN_COLUMNS = (
     "lease_until",
     "claims",
     "wait_name",
+    "run_after",
+    "wait_kind",
+    "attempt",
+    "requested",
+    "request_reason",
+    "priority",
+    "idempotency_key",
 )
 """The order in which the stores select a run's columns."""
+
+SIGNAL_COLUMNS = (
+    "seq",
+    "name",
+    "payload",
+    "dedupe_key",
+    "created_at",
+    "consumed_by_step",
+    "consumed_at",
+)
+"""The order in which the stores select an inbox row's columns."""
 
 STEP_COLUMNS = (
     "idx",
@@ -191,4 +211,26 @@ def run_from(r: Sequence[Any], when: Read, steps: tuple[StepRow, ...] = ()) -> R
         claims=r[15],
         wait_name=r[16],
         steps=steps,
+        run_after=when(r[17]),
+        wait_kind=r[18],
+        attempt=r[19],
+        requested=r[20],
+        request_reason=r[21],
+        priority=r[22],
+        idempotency_key=r[23],
+    )
+
+
+def signal_from(r: Sequence[Any], when: Read) -> SignalRow:
+    """An inbox row from values selected in ``SIGNAL_COLUMNS`` order."""
+    created = when(r[4])
+    assert created is not None
+    return SignalRow(
+        seq=r[0],
+        name=r[1],
+        payload=r[2],
+        dedupe_key=r[3],
+        created_at=created,
+        consumed_by_step=r[5],
+        consumed_at=when(r[6]),
     )

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError
 from ._base import (
+    FINISHED_STATUSES,
     KEEP,
     RECOVERABLE_STATUSES,
     Applied,
     AttemptRow,
     ListQuery,
+    Renewed,
+    RequestKind,
     RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
     Store,
     Transition,
+    check_request_kind,
     check_transition,
     delete_busy_error,
+    stronger_request,
 )
 from ._limits import (
     check_new_run,
@@ -29,22 +38,60 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
+from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 
 __all__ = ["MemoryStorage"]
 
 _UTC = dt.UTC
+#: Run columns a transition may set (``KEEP`` leaves them), in the order the SQL stores do.
+_PATCHED = (
+    "status",
+    "current_step",
+    "error",
+    "completed_at",
+    "wait_name",
+    "run_after",
+    "wait_kind",
+    "attempt",
+)
 
 
 class _Run:
     """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
 
-    __slots__ = ("attempts", "row", "seq", "steps")
+    __slots__ = ("attempts", "input_hash", "row", "seq", "signals", "steps")
 
-    def __init__(self, row: RunRow, seq: int) -> None:
+    def __init__(self, row: RunRow, seq: int, input_hash: str | None = None) -> None:
         self.row = row
         self.seq = seq
         self.steps: dict[int, object] = {}
         self.attempts: list[AttemptRow] = []
+        self.signals: list[SignalRow] = []  # seq n is at index n - 1
+        self.input_hash = input_hash
+
+    def due(self, now: dt.datetime) -> bool:
+        """Whether :meth:`Store.claim_due` takes this run now (its name aside)."""
+        r = self.row
+        if r.owner is not None and r.lease_until is not None and r.lease_until > now:
+            return False  # a live lease: never stolen
+        if r.status in FINISHED_STATUSES:
+            return False
+        if r.requested is not None:
+            return True
+        if r.status in RECOVERABLE_STATUSES:
+            return r.run_after is None or r.run_after <= now
+        if r.status == "suspended":
+            if r.run_after is not None and r.run_after <= now:
+                return True
+            if r.wait_kind == "signal":
+                return any(
+                    s.name == r.wait_name and s.consumed_by_step is None for s in self.signals
+                )
+        return False
+
+    def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
+        r = self.row
+        return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
 class MemoryStorage(Store):
@@ -62,6 +109,7 @@ class MemoryStorage(Store):
         if not callable(clock):
             raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
         self._runs: dict[str, _Run] = {}
+        self._keys: dict[tuple[str, str], str] = {}  # (name, idempotency key) -> run id
         self._lock = threading.Lock()
         self._seq = 0
         self._clock = clock
@@ -83,22 +131,46 @@ class MemoryStorage(Store):
         """Insert a new run."""
         check_new_run(run)
         with self._lock:
-            if run.id in self._runs:
+            key = run.idempotency_key
+            if run.id in self._runs or (key is not None and (run.name, key) in self._keys):
                 raise ConcurrentModificationError(
-                    f"a run with id {run.id!r} already exists", workflow_id=run.id
+                    f"a run with id {run.id!r} (or its idempotency key) already exists",
+                    workflow_id=run.id,
                 )
-            lease = None
-            if lease_owner is not None:
-                lease = lease_expiry(self._now(), lease_seconds)
-            self._seq += 1
-            stored = _replace(
-                run,
-                owner=lease_owner,
-                lease_until=lease,
-                claims=1 if lease_owner else 0,
-                steps=(),
-            )
-            self._runs[run.id] = _Run(stored, self._seq)
+            self._insert(run, lease_owner, lease_seconds, None)
+
+    def _insert(
+        self, run: RunRow, owner: str | None, lease_seconds: float, input_hash: str | None
+    ) -> None:
+        lease = None
+        if owner is not None:
+            lease = lease_expiry(self._now(), lease_seconds)
+        self._seq += 1
+        stored = _replace(run, owner=owner, lease_until=lease, claims=1 if owner else 0, steps=())
+        self._runs[run.id] = _Run(stored, self._seq, input_hash)
+        if run.idempotency_key is not None:
+            self._keys[(run.name, run.idempotency_key)] = run.id
+
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        """Insert-or-observe a run (see :meth:`Store.start`)."""
+        check_new_run(run)
+        key = idempotency_key if idempotency_key is not None else run.idempotency_key
+        with self._lock:
+            found = None if key is None else self._keys.get((run.name, key))
+            if found is None and run.id in self._runs:
+                found = run.id
+            if found is not None:
+                return Started(found, False, self._runs[found].input_hash)
+            self._insert(_replace(run, idempotency_key=key), lease_owner, lease_seconds, input_hash)
+            return Started(run.id, True, input_hash)
 
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition atomically."""
@@ -149,10 +221,24 @@ class MemoryStorage(Store):
             elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
                 claims = 1  # progress: only the current claim counts now
             changes.update(fence=fence, owner=owner, lease_until=lease, claims=claims)
-            for name in ("status", "current_step", "error", "completed_at", "wait_name"):
+            signal = t.consume_signal
+            if signal is not None:
+                # Checked before anything changes: a consumed signal refuses the transition.
+                signals = entry.signals
+                if not (
+                    0 < signal.seq <= len(signals)
+                    and signals[signal.seq - 1].consumed_by_step is None
+                ):
+                    raise unconsumable_error(t.run_id, signal.seq)
+                signals[signal.seq - 1] = dataclasses.replace(
+                    signals[signal.seq - 1], consumed_by_step=signal.step, consumed_at=t.updated_at
+                )
+            for name in _PATCHED:
                 value = getattr(t, name)
                 if value is not KEEP:
                     changes[name] = value
+            if t.requested is not KEEP:
+                changes.update(requested=None, request_reason=None)
             if t.delete_steps_from is not None:
                 for index in [i for i in steps if i >= t.delete_steps_from]:
                     if index not in t.keep_steps:
@@ -205,13 +291,18 @@ class MemoryStorage(Store):
             if row.owner is not None and row.lease_until is not None:
                 if row.lease_until > self._now():
                     raise delete_busy_error(run_id, row.name, row.owner)
-            del self._runs[run_id]
+            self._forget(run_id)
             return True
+
+    def _forget(self, run_id: str) -> None:
+        entry = self._runs.pop(run_id, None)
+        if entry is not None and entry.row.idempotency_key is not None:
+            self._keys.pop((entry.row.name, entry.row.idempotency_key), None)
 
     def _evict(self, run_id: str) -> None:
         """Drop a run whatever its lease (the whole-state adapter forgets a failed write)."""
         with self._lock:
-            self._runs.pop(run_id, None)
+            self._forget(run_id)
 
     async def list_attempts(self, run_id: str) -> list[AttemptRow]:
         """The run's attempt log, oldest first (empty for an unknown run)."""
@@ -235,9 +326,10 @@ class MemoryStorage(Store):
             found.sort(key=lambda e: (e.row.created_at, e.seq))
             return [e.row for e in found[:limit]]
 
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
-        """Extend ``owner``'s leases; return the runs it no longer owns."""
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
+        """Extend ``owner``'s leases; report the runs it lost and the requests of the rest."""
         fences, lost = usable_fences(fences)
+        requested: dict[str, str] = {}
         with self._lock:
             until = lease_expiry(self._now(), lease_seconds)
             for run_id, fence in fences.items():
@@ -246,13 +338,117 @@ class MemoryStorage(Store):
                     lost.add(run_id)
                     continue
                 entry.row = _replace(entry.row, lease_until=until)
-        return lost
+                if entry.row.requested is not None:
+                    requested[run_id] = entry.row.requested
+        return Renewed(lost, requested)
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        """Claim up to ``limit`` due runs (see :meth:`Store.claim_due`)."""
+        limit = row_limit(limit, "limit")
+        with self._lock:
+            now = self._now()
+            wanted = set(names)
+            due = [e for e in self._runs.values() if e.row.name in wanted and e.due(now)]
+            due.sort(key=_Run.claim_order)
+            until = lease_expiry(now, lease_seconds)
+            claimed = []
+            for e in due[:limit]:
+                r = e.row
+                e.row = _replace(
+                    r,
+                    owner=owner,
+                    lease_until=until,
+                    fence=r.fence + 1,
+                    claims=r.claims + 1,
+                    version=r.version + 1,
+                )
+                claimed.append(e.row)
+            return claimed
+
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        """The earliest ``run_after`` among pending and suspended runs of these workflows."""
+        with self._lock:
+            wanted = set(names)
+            times = [
+                e.row.run_after
+                for e in self._runs.values()
+                if e.row.name in wanted
+                and e.row.run_after is not None
+                and e.row.status in ("pending", "suspended")
+            ]
+            return min(times, default=None)
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        """Append a signal to an unfinished run's inbox (see :meth:`Store.send_signal`)."""
+        check_signal(run_id, name, payload, dedupe_key)
+        with self._lock:
+            entry = self._runs.get(run_id)
+            if entry is None:
+                raise not_found_error(run_id)
+            if entry.row.status in FINISHED_STATUSES:
+                raise finished_error(run_id, entry.row.name, entry.row.status)
+            if dedupe_key is not None:
+                for s in entry.signals:
+                    if s.dedupe_key == dedupe_key:
+                        return SignalSent(s.seq, False)
+            seq = len(entry.signals) + 1
+            entry.signals.append(SignalRow(seq, name, payload, dedupe_key, self._now()))
+            return SignalSent(seq, True)
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """Every inbox row of the run, by ``seq``."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            return [] if entry is None else list(entry.signals)
+
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        """The oldest unconsumed inbox row of the run with this name, or None."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            signals = () if entry is None else entry.signals
+            return next((s for s in signals if s.name == name and s.consumed_by_step is None), None)
+
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        """Record a cancel or pause request (see :meth:`Store.request`)."""
+        check_request_kind(kind)
+        with self._lock:
+            entry = self._runs.get(run_id)
+            if entry is None:
+                raise not_found_error(run_id)
+            if entry.row.status in FINISHED_STATUSES:
+                return False
+            if stronger_request(entry.row.requested, kind):
+                entry.row = _replace(entry.row, requested=kind, request_reason=reason)
+            return True
+
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        """Runs by status (of workflow ``name``, or all)."""
+        with self._lock:
+            found: dict[str, int] = {}
+            for e in self._runs.values():
+                if name is None or e.row.name == name:
+                    found[e.row.status] = found.get(e.row.status, 0) + 1
+            return found
 
 
 def _replace(row: RunRow, **changes: object) -> RunRow:
-    # dataclasses.replace re-runs __init__ with every field; copying the slots is cheaper on
-    # the per-step path.
+    # dataclasses.replace re-runs __init__ with every field; on the per-step path it is
+    # cheaper to read every slot in one call and set each through its slot descriptor
+    # (which a frozen dataclass's __setattr__ does not guard).
     new = object.__new__(RunRow)
-    for name in RunRow.__slots__:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(row, name))
+    get = changes.get
+    for (set_slot, name), value in zip(_SLOT_SETTERS, _ROW_SLOTS(row), strict=True):
+        set_slot(new, get(name, value))
     return new
+
+
+_ROW_SLOTS = operator.attrgetter(*RunRow.__slots__)
+_SLOT_SETTERS: tuple[tuple[Callable[[RunRow, object], None], str], ...] = tuple(
+    (getattr(RunRow, name).__set__, name) for name in RunRow.__slots__
+)

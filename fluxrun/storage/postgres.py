@@ -11,23 +11,31 @@ are judged by the database clock, never by a worker's.
 
 from __future__ import annotations
 
-import json
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError
 from ..errors import StorageError as _StorageError
+from . import _pg_sched as _q
 from ._base import (
     KEEP,
     RECOVERABLE_STATUSES,
     Applied,
     AttemptRow,
     ListQuery,
+    Renewed,
+    RequestKind,
     RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
     StepRow,
     Store,
     Transition,
+    check_request_kind,
     delete_busy_error,
     transition_error,
 )
@@ -44,7 +52,6 @@ from ._pg import (
     ATTEMPT_SELECT,
     INSERT_ATTEMPTS,
     INSERT_ATTEMPTS_AFTER_UPDATE,
-    INSERT_RUN,
     NEW_LEASE,
     RUN_SELECT,
     SET_STEP,
@@ -66,12 +73,25 @@ from ._pg import (
     step_values,
 )
 from ._pg_connect import LeaseRenewer, PgPool, transaction
+from ._sched import check_signal, unconsumable_error
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["PostgresStorage"]
+
+#: Run columns a transition may set (``KEEP`` leaves them).
+_PATCHED = (
+    "status",
+    "current_step",
+    "error",
+    "completed_at",
+    "wait_name",
+    "run_after",
+    "wait_kind",
+    "attempt",
+)
 
 #: Key of the transaction-level advisory lock that serialises schema migrations
 #: (the bytes of "fluxrun" as a number; advisory locks are per database).
@@ -194,32 +214,14 @@ class PostgresStorage(Store):
         from psycopg import errors
 
         check_new_run(run)
-        lease = "NULL" if lease_owner is None else NEW_LEASE
-        params: list[Any] = [
-            run.id,
-            run.name,
-            run.definition_version,
-            run.status,
-            run.input,
-            json.dumps(list(run.step_names)),
-            run.current_step,
-            run.error,
-            run.created_at,
-            run.updated_at,
-            run.completed_at,
-            run.version,
-            run.fence,
-            lease_owner,
-        ]
-        if lease_owner is not None:
-            params.append(clamp_lease(lease_seconds))
-        params += [1 if lease_owner else 0, run.wait_name]
+        lease = None if lease_owner is None else clamp_lease(lease_seconds)
         async with self._connection("create", run.id) as conn:
             try:
-                await conn.execute(INSERT_RUN.format(lease=lease), params)
+                await _q.insert_run(conn, run, lease_owner, lease)
             except errors.UniqueViolation as exc:
                 raise ConcurrentModificationError(
-                    f"a run with id {run.id!r} already exists", workflow_id=run.id
+                    f"a run with id {run.id!r} (or its idempotency key) already exists",
+                    workflow_id=run.id,
                 ) from exc
 
     async def apply(self, t: Transition) -> Applied:
@@ -247,18 +249,26 @@ class PostgresStorage(Store):
         progress = t.insert_step is not None or t.update_step is not None
         if progress and t.claim is None and not t.release:
             sets.append("claims = 1")  # progress: only the current claim counts now
-        for column in ("status", "current_step", "error", "completed_at", "wait_name"):
+        for column in _PATCHED:
             value = getattr(t, column)
             if value is not KEEP:
                 sets.append(column + " = %s")
                 params.append(value)
+        if t.requested is not KEEP:
+            sets += ["requested = NULL", "request_reason = NULL"]
         owned = "fence = %s" if t.fence is not None else UNOWNED
         where = "id = %s AND version = %s AND " + owned
         params += [t.run_id, t.expected_version]
         if t.fence is not None:
             params.append(t.fence)
         update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + where
-        simple = t.delete_steps_from is None and (t.insert_step is None or t.update_step is None)
+        # Consuming a signal (once per wait) takes the transaction block: its row must be
+        # hit exactly once, which one statement cannot make a condition of the run's update.
+        simple = (
+            t.delete_steps_from is None
+            and t.consume_signal is None
+            and (t.insert_step is None or t.update_step is None)
+        )
         async with self._connection("step commit", t.run_id) as conn:
             if simple:
                 return await self._apply_simple(conn, t, update, params)
@@ -320,6 +330,16 @@ class PostgresStorage(Store):
         rows = await fetchall(conn, update + " RETURNING version, fence", params)
         if not rows:
             raise await self._diagnose(conn, t)
+        if t.consume_signal is not None:
+            c = t.consume_signal
+            hit = await rowcount(
+                conn,
+                "UPDATE flux_signals SET consumed_by_step = %s, consumed_at = %s "
+                "WHERE run_id = %s AND seq = %s AND consumed_by_step IS NULL",
+                (c.step, t.updated_at, t.run_id, c.seq),
+            )
+            if hit != 1:
+                raise unconsumable_error(t.run_id, c.seq)
         if t.delete_steps_from is not None:
             await conn.execute(
                 "DELETE FROM flux_steps WHERE run_id = %s AND idx >= %s "
@@ -488,15 +508,16 @@ class PostgresStorage(Store):
             )
         return [run_row(r) for r in rows]
 
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
-        """Extend ``owner``'s leases in one statement; return the runs it lost.
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
+        """Extend ``owner``'s leases in one statement; report the runs it lost and the
+        pending requests of the rest.
 
         Runs on the calling thread with a synchronous connection of its own (see
         :class:`LeaseRenewer`), bounded by ``query_timeout``.
         """
         usable, lost = usable_fences(fences)
         if not usable:
-            return lost
+            return Renewed(lost, {})
         self._db.check_open()
         settings = self._db.renew_settings
         if settings is None:
@@ -505,7 +526,73 @@ class PostgresStorage(Store):
         ids = sorted(usable)
         params = (seconds, ids, [usable[i] for i in ids], owner)
         renewed = self._renewer.renew(settings, params, seconds)
-        return lost | (set(usable) - renewed)
+        requested = {k: v for k, v in renewed.items() if v is not None}
+        return Renewed(lost | (set(usable) - set(renewed)), requested)
+
+    # -- scheduling (see Store; the SQL is in _pg_sched) --------------------------------------
+
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        """Insert-or-observe a run (``INSERT ... ON CONFLICT DO NOTHING``, then read)."""
+        check_new_run(run)
+        if idempotency_key is not None:
+            run = replace(run, idempotency_key=idempotency_key)
+        lease = None if lease_owner is None else clamp_lease(lease_seconds)
+        async with self._connection("start", run.id) as conn:
+            return await _q.start(conn, run, lease_owner, lease, input_hash)
+
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        """Claim due runs in one statement (``FOR NO KEY UPDATE SKIP LOCKED``)."""
+        limit = row_limit(limit, "limit")
+        if not names or not limit:
+            return []
+        async with self._connection("claim") as conn:
+            return await _q.claim_due(conn, owner, names, limit, clamp_lease(lease_seconds))
+
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        """The earliest ``run_after`` among pending and suspended runs of these workflows."""
+        if not names:
+            return None
+        async with self._connection("next_due") as conn:
+            return await _q.next_due(conn, names)
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        """Append a signal to an unfinished run's inbox, its row locked first."""
+        check_signal(run_id, name, payload, dedupe_key)
+        async with self._connection("send_signal", run_id) as conn:
+            return await _q.send_signal(conn, run_id, name, payload, dedupe_key)
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """Every inbox row of the run, by ``seq``."""
+        async with self._connection("list_signals", run_id) as conn:
+            return await _q.list_signals(conn, run_id)
+
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        """The oldest unconsumed inbox row of the run with this name, or None."""
+        async with self._connection("first_signal", run_id) as conn:
+            return await _q.first_signal(conn, run_id, name)
+
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        """Record a cancel or pause request (see :meth:`Store.request`)."""
+        check_request_kind(kind)
+        async with self._connection("request", run_id) as conn:
+            return await _q.request(conn, run_id, kind, reason)
+
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        """Runs by status (of workflow ``name``, or all)."""
+        async with self._connection("counts") as conn:
+            return await _q.counts(conn, name)
 
     def __repr__(self) -> str:
         where = redact(self._dsn) if self._dsn is not None else "pool"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import math
 import os
 import sqlite3
@@ -12,22 +11,28 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
+from . import _sqlite_sql as _q
 from ._base import (
-    KEEP,
     RECOVERABLE_STATUSES,
     Applied,
     AttemptRow,
     ListQuery,
+    Renewed,
+    RequestKind,
     RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
     StepRow,
     Store,
     Transition,
+    check_request_kind,
     delete_busy_error,
-    transition_error,
 )
 from ._limits import (
     check_new_run,
@@ -38,75 +43,25 @@ from ._limits import (
     usable_fences,
 )
 from ._migrations import migrations
-from ._rows import (
-    ATTEMPT_COLUMNS,
-    RUN_COLUMNS,
-    STEP_COLUMNS,
-    attempt_fields,
-    attempt_from,
-    run_from,
-    step_fields,
-    step_from,
+from ._rows import ATTEMPT_COLUMNS, attempt_from
+from ._sched import check_signal
+from ._sqlite_sql import (
+    MAX_MICROS,
+    RUN_SELECT,
+    STEP_SELECT,
+    duplicate,
+    from_micros,
+    insert_run,
+    run_row,
+    step_row,
+    to_micros,
 )
 
-__all__ = ["SQLiteStorage"]
+__all__ = ["SQLiteStorage", "from_micros", "to_micros"]
 
 T = TypeVar("T")
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MICRO = dt.timedelta(microseconds=1)
 
 _SYNCHRONOUS = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
-_RUN_COLUMNS = ", ".join(RUN_COLUMNS)
-_STEP_COLUMNS = ", ".join(STEP_COLUMNS)
-_INSERT_STEP = (
-    "INSERT INTO flux_steps (run_id, " + _STEP_COLUMNS + ") "
-    "VALUES (?, " + ", ".join("?" * len(STEP_COLUMNS)) + ")"
-)
-_UPDATE_STEP = (
-    "UPDATE flux_steps SET "
-    + ", ".join(c + " = ?" for c in STEP_COLUMNS[1:])
-    + " WHERE run_id = ? AND idx = ?"
-)
-_ATTEMPT_COLUMNS = ", ".join(ATTEMPT_COLUMNS)
-# seq is the next number within the run; the transition holds the write lock, so no race.
-_INSERT_ATTEMPT = (
-    "INSERT INTO flux_attempts (run_id, " + _ATTEMPT_COLUMNS + ") VALUES (?, "
-    "(SELECT coalesce(max(seq), 0) + 1 FROM flux_attempts WHERE run_id = ?), "
-    + ", ".join("?" * (len(ATTEMPT_COLUMNS) - 1))
-    + ")"
-)
-#: Microseconds of the latest time a datetime can hold: a lease expiry never goes past it.
-_MAX_MICROS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // _MICRO
-
-
-def to_micros(value: dt.datetime | None) -> int | None:
-    """A UTC datetime as integer microseconds since the epoch (exact, unlike a float)."""
-    return None if value is None else (value - _EPOCH) // _MICRO
-
-
-def from_micros(value: int | None) -> dt.datetime | None:
-    """Inverse of :func:`to_micros`."""
-    return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
-
-
-def _step_values(s: StepRow) -> tuple[Any, ...]:
-    return step_fields(s, to_micros)
-
-
-def _step_row(r: tuple[Any, ...]) -> StepRow:
-    return step_from(r, from_micros)
-
-
-def _run_row(r: tuple[Any, ...], steps: tuple[StepRow, ...] = ()) -> RunRow:
-    return run_from(r, from_micros, steps)
-
-
-def _duplicate(exc: sqlite3.IntegrityError) -> bool:
-    """Whether a constraint failure is a duplicate key (not, say, a CHECK on JSON text)."""
-    return getattr(exc, "sqlite_errorcode", None) in (
-        1555,  # SQLITE_CONSTRAINT_PRIMARYKEY
-        2067,  # SQLITE_CONSTRAINT_UNIQUE
-    )
 
 
 def _about(run_id: str | None) -> str:
@@ -182,7 +137,7 @@ class SQLiteStorage(Store):
 
     def _lease_until(self, now_us: int, seconds: float) -> int:
         """The expiry of a lease of ``seconds`` from ``now_us``, clamped to a datetime."""
-        return min(now_us + int(lease_seconds(seconds) * 1_000_000), _MAX_MICROS)
+        return min(now_us + int(lease_seconds(seconds) * 1_000_000), MAX_MICROS)
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         if self.path not in (":memory:", ""):
@@ -347,34 +302,13 @@ class SQLiteStorage(Store):
             if lease_owner is not None:
                 lease = self._lease_until(self._now_us(), lease_seconds)
             try:
-                conn.execute(
-                    "INSERT INTO flux_runs (" + _RUN_COLUMNS + ") "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        run.id,
-                        run.name,
-                        run.definition_version,
-                        run.status,
-                        run.input,
-                        json.dumps(list(run.step_names)),
-                        run.current_step,
-                        run.error,
-                        to_micros(run.created_at),
-                        to_micros(run.updated_at),
-                        to_micros(run.completed_at),
-                        run.version,
-                        run.fence,
-                        lease_owner,
-                        lease,
-                        1 if lease_owner else 0,
-                        run.wait_name,
-                    ),
-                )
+                insert_run(conn, run, lease_owner, lease)
             except sqlite3.IntegrityError as exc:
-                if not _duplicate(exc):
+                if not duplicate(exc):
                     raise  # a CHECK (JSON) failure: a StorageError naming the run
                 raise ConcurrentModificationError(
-                    f"a run with id {run.id!r} already exists", workflow_id=run.id
+                    f"a run with id {run.id!r} (or its idempotency key) already exists",
+                    workflow_id=run.id,
                 ) from exc
 
         await self._run(insert, "create", run.id)
@@ -382,111 +316,10 @@ class SQLiteStorage(Store):
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition in one ``BEGIN IMMEDIATE`` transaction."""
         check_transition_numbers(t)
-        return await self._run(lambda conn: self._apply(conn, t), "step commit", t.run_id)
-
-    def _apply(self, conn: sqlite3.Connection, t: Transition) -> Applied:
-        now = self._now_us()
-        sets = ["version = version + 1", "updated_at = ?"]
-        params: list[Any] = [to_micros(t.updated_at)]
-        where = ["id = ?", "version = ?"]
-        wparams: list[Any] = [t.run_id, t.expected_version]
-        if t.fence is not None:
-            where.append("fence = ?")
-            wparams.append(t.fence)
-        else:
-            where.append("(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)")
-            wparams.append(now)
-        if t.claim is not None:
-            sets += ["fence = fence + 1", "owner = ?", "lease_until = ?", "claims = claims + 1"]
-            params += [t.claim.owner, self._lease_until(now, t.claim.lease_seconds)]
-        elif t.renew_lease is not None:
-            sets.append("lease_until = ?")
-            params.append(self._lease_until(now, t.renew_lease))
-        if t.release:
-            sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
-        elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
-            sets.append("claims = 1")  # progress: only the current claim counts now
-        for column in ("status", "current_step", "error", "wait_name"):
-            value = getattr(t, column)
-            if value is not KEEP:
-                sets.append(f"{column} = ?")
-                params.append(value)
-        if t.completed_at is not KEEP:
-            sets.append("completed_at = ?")
-            params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
-        update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
-        conn.execute("BEGIN IMMEDIATE")
-        row: tuple[int, int] | None
-        if t.fence is not None and t.claim is None:
-            # The usual step commit: the new version and fence are known, and SQLite's
-            # RETURNING (which goes through a temporary table) would cost a fifth of it.
-            applied = conn.execute(update, params + wparams).rowcount == 1
-            row = (t.expected_version + 1, t.fence) if applied else None
-        else:
-            row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
-        if row is None:
-            error = self._diagnose(conn, t, now)
-            conn.execute("ROLLBACK")
-            raise error
-        if t.delete_steps_from is not None:
-            keep = ",".join("?" * len(t.keep_steps))
-            conn.execute(
-                "DELETE FROM flux_steps WHERE run_id = ? AND idx >= ?"
-                + (f" AND idx NOT IN ({keep})" if keep else ""),
-                (t.run_id, t.delete_steps_from, *t.keep_steps),
-            )
-        if t.insert_step is not None:
-            s = t.insert_step
-            try:
-                conn.execute(_INSERT_STEP, (t.run_id, s.index, *_step_values(s)))
-            except sqlite3.IntegrityError as exc:
-                if not _duplicate(exc):
-                    raise
-                conn.execute("ROLLBACK")
-                raise ConcurrentModificationError(
-                    f"step {s.index} of run {t.run_id!r} is already recorded",
-                    workflow_id=t.run_id,
-                ) from exc
-        if t.update_step is not None:
-            s = t.update_step
-            cur = conn.execute(_UPDATE_STEP, (*_step_values(s), t.run_id, s.index))
-            if cur.rowcount != 1:
-                conn.execute("ROLLBACK")
-                raise ConcurrentModificationError(
-                    f"step {s.index} of run {t.run_id!r} has no recorded outcome",
-                    workflow_id=t.run_id,
-                )
-        if t.attempts:
-            conn.executemany(
-                _INSERT_ATTEMPT,
-                [(t.run_id, t.run_id, *attempt_fields(a, to_micros)) for a in t.attempts],
-            )
-        conn.execute("COMMIT")
-        return Applied(version=row[0], fence=row[1])
-
-    def _diagnose(
-        self, conn: sqlite3.Connection, t: Transition, now: int
-    ) -> ConcurrentModificationError:
-        found = conn.execute(
-            "SELECT name, version, fence, owner, lease_until FROM flux_runs WHERE id = ?",
-            (t.run_id,),
-        ).fetchone()
-        if found is None:
-            return ConcurrentModificationError(
-                f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
-            )
-        error = transition_error(
+        return await self._run(
+            lambda conn: _q.apply(conn, t, self._now_us(), self._lease_until),
+            "step commit",
             t.run_id,
-            found[0],
-            found[1],
-            found[2],
-            found[3],
-            from_micros(found[4]),
-            t,
-            from_micros(now),  # type: ignore[arg-type]
-        )
-        return error or ConcurrentModificationError(
-            f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
         )
 
     async def delete(self, run_id: str) -> bool:
@@ -524,10 +357,10 @@ class SQLiteStorage(Store):
 
     def _steps(self, conn: sqlite3.Connection, run_id: str) -> tuple[StepRow, ...]:
         rows = conn.execute(
-            "SELECT " + _STEP_COLUMNS + " FROM flux_steps WHERE run_id = ? ORDER BY idx",
+            "SELECT " + STEP_SELECT + " FROM flux_steps WHERE run_id = ? ORDER BY idx",
             (run_id,),
         ).fetchall()
-        return tuple(_step_row(r) for r in rows)
+        return tuple(step_row(r) for r in rows)
 
     async def load(self, run_id: str) -> RunRow | None:
         """The run with its step rows, read in one snapshot."""
@@ -536,9 +369,9 @@ class SQLiteStorage(Store):
             conn.execute("BEGIN")
             try:
                 r = conn.execute(
-                    "SELECT " + _RUN_COLUMNS + " FROM flux_runs WHERE id = ?", (run_id,)
+                    "SELECT " + RUN_SELECT + " FROM flux_runs WHERE id = ?", (run_id,)
                 ).fetchone()
-                return None if r is None else _run_row(r, self._steps(conn, run_id))
+                return None if r is None else run_row(r, self._steps(conn, run_id))
             finally:
                 conn.execute("COMMIT")
 
@@ -549,7 +382,9 @@ class SQLiteStorage(Store):
 
         def read(conn: sqlite3.Connection) -> list[AttemptRow]:
             rows = conn.execute(
-                "SELECT " + _ATTEMPT_COLUMNS + " FROM flux_attempts WHERE run_id = ? ORDER BY seq",
+                "SELECT "
+                + ", ".join(ATTEMPT_COLUMNS)
+                + " FROM flux_attempts WHERE run_id = ? ORDER BY seq",
                 (run_id,),
             ).fetchall()
             return [attempt_from(r, from_micros) for r in rows]
@@ -571,7 +406,7 @@ class SQLiteStorage(Store):
                     return []
                 where.append("status IN (" + ",".join("?" * len(query.statuses)) + ")")
                 params += [s.value for s in query.statuses]
-            sql = "SELECT " + _RUN_COLUMNS + " FROM flux_runs"
+            sql = "SELECT " + RUN_SELECT + " FROM flux_runs"
             if where:
                 sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
@@ -579,7 +414,7 @@ class SQLiteStorage(Store):
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(sql, params).fetchall()
-                return [_run_row(r, self._steps(conn, r[0])) for r in rows]
+                return [run_row(r, self._steps(conn, r[0])) for r in rows]
             finally:
                 conn.execute("COMMIT")
 
@@ -593,7 +428,7 @@ class SQLiteStorage(Store):
             if not names:
                 return []
             sql = (
-                "SELECT " + _RUN_COLUMNS + " FROM flux_runs WHERE "
+                "SELECT " + RUN_SELECT + " FROM flux_runs WHERE "
                 "name IN (" + ",".join("?" * len(names)) + ") AND "
                 "status IN (" + ",".join("?" * len(RECOVERABLE_STATUSES)) + ") AND "
                 "(owner IS NULL OR lease_until IS NULL OR lease_until <= ?) "
@@ -602,31 +437,111 @@ class SQLiteStorage(Store):
             rows = conn.execute(
                 sql, (*names, *RECOVERABLE_STATUSES, self._now_us(), limit)
             ).fetchall()
-            return [_run_row(r) for r in rows]
+            return [run_row(r) for r in rows]
 
         return await self._run(read, "find_recoverable")
 
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
-        """Extend ``owner``'s leases in one transaction; return the runs it lost."""
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
+        """Extend ``owner``'s leases in one transaction; report the runs it lost and the
+        pending requests of the rest."""
 
         usable, lost = usable_fences(fences)
+        requested: dict[str, str] = {}
 
-        def renew(conn: sqlite3.Connection) -> set[str]:
+        def renew(conn: sqlite3.Connection) -> Renewed:
             until = self._lease_until(self._now_us(), lease_seconds)
             conn.execute("BEGIN IMMEDIATE")
             for run_id, fence in usable.items():
-                cur = conn.execute(
-                    "UPDATE flux_runs SET lease_until = ? WHERE id = ? AND fence = ? AND owner = ?",
+                found = conn.execute(
+                    "UPDATE flux_runs SET lease_until = ? WHERE id = ? AND fence = ? AND owner = ? "
+                    "RETURNING requested",
                     (until, run_id, fence, owner),
-                )
-                if cur.rowcount != 1:
+                ).fetchone()
+                if found is None:
                     lost.add(run_id)
+                elif found[0] is not None:
+                    requested[run_id] = found[0]
             conn.execute("COMMIT")
-            return lost
+            return Renewed(lost, requested)
 
         if not usable:
-            return lost
+            return Renewed(lost, requested)
         return self._locked(renew, "lease renewal")
+
+    # -- scheduling (see Store; the SQL is in _sqlite_sql) ------------------------------------
+
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        """Insert-or-observe a run in one ``BEGIN IMMEDIATE`` transaction."""
+        check_new_run(run)
+        if idempotency_key is not None:
+            run = replace(run, idempotency_key=idempotency_key)
+
+        def insert(conn: sqlite3.Connection) -> Started:
+            lease = None
+            if lease_owner is not None:
+                lease = self._lease_until(self._now_us(), lease_seconds)
+            return _q.start(conn, run, lease_owner, lease, input_hash)
+
+        return await self._run(insert, "start", run.id)
+
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        """Claim due runs: ``BEGIN IMMEDIATE``, select in claim order, update, commit."""
+        limit = row_limit(limit, "limit")
+
+        def claim(conn: sqlite3.Connection) -> list[RunRow]:
+            if not names or not limit:
+                return []
+            now = self._now_us()
+            until = self._lease_until(now, lease_seconds)
+            return _q.claim_due(conn, owner, names, limit, now, until)
+
+        return await self._run(claim, "claim")
+
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        """The earliest ``run_after`` among pending and suspended runs of these workflows."""
+        return await self._run(lambda conn: _q.next_due(conn, names), "next_due")
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        """Append a signal to an unfinished run's inbox under the write lock."""
+        check_signal(run_id, name, payload, dedupe_key)
+        return await self._run(
+            lambda conn: _q.send_signal(conn, run_id, name, payload, dedupe_key, self._now_us()),
+            "send_signal",
+            run_id,
+        )
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """Every inbox row of the run, by ``seq``."""
+        return await self._run(lambda conn: _q.list_signals(conn, run_id), "list_signals", run_id)
+
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        """The oldest unconsumed inbox row of the run with this name, or None."""
+        return await self._run(
+            lambda conn: _q.first_signal(conn, run_id, name), "first_signal", run_id
+        )
+
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        """Record a cancel or pause request (see :meth:`Store.request`)."""
+        check_request_kind(kind)
+        return await self._run(
+            lambda conn: _q.request(conn, run_id, kind, reason), "request", run_id
+        )
+
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        """Runs by status (of workflow ``name``, or all)."""
+        return await self._run(lambda conn: _q.counts(conn, name), "counts")
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check`` and return its answer (``"ok"`` when healthy)."""

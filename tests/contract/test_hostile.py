@@ -88,7 +88,7 @@ TEN_KB = ["x" * 10_240, "%" * 10_240, (INJECTION * 500)[:10_240], "_" * 10_240]
 
 async def renew(store: Store, owner: str, fences: dict[str, int]) -> set[str]:
     """Renew from a thread of its own, as the engine's lease keeper does."""
-    return await asyncio.to_thread(store.renew_leases, owner, fences, LONG_LEASE)
+    return (await asyncio.to_thread(store.renew_leases, owner, fences, LONG_LEASE)).lost
 
 
 async def seed(store: Store) -> dict[str, list[str]]:

@@ -3,7 +3,9 @@
 A Hypothesis state machine drives random sequences of store calls (create; apply with random
 transitions: status and column changes, step inserts, updates and deletes, appended attempts,
 claims by two logical owners, renewals, releases, stale versions and stale fences; load;
-list_runs with random filters; list_attempts; delete; find_recoverable; renew_leases)
+list_runs with random filters; list_attempts; delete; find_recoverable; renew_leases; and
+the scheduling verbs: start, claim_due, next_due, send_signal, list_signals, first_signal,
+request, counts, with transitions that patch the scheduling columns and consume signals)
 against the backend under test and against MemoryStorage, the reference model. Every call
 must have the same outcome on both (the same result, or the same exception type), and after
 every step both must list the same runs.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from contract_support import LONG_LEASE, T0, open_store, seen
+from contract_support import LONG_LEASE, T0, canonical_text, open_store, seen
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,13 +43,21 @@ from hypothesis.stateful import (
 from fluxrun import StepStatus, WorkflowStatus
 from fluxrun._codec import encode
 from fluxrun._state import changes_text
-from fluxrun.errors import ConcurrentModificationError, LeaseLostError, RunBusyError
+from fluxrun.errors import (
+    ConcurrentModificationError,
+    InvalidStateError,
+    LeaseLostError,
+    RunBusyError,
+    WorkflowNotFoundError,
+)
 from fluxrun.storage._base import (
     KEEP,
     AttemptRow,
     Claim,
     ListQuery,
     RunRow,
+    SignalRef,
+    SignalRow,
     StepRow,
     Store,
     Transition,
@@ -56,7 +66,16 @@ from fluxrun.storage.memory import MemoryStorage
 
 T = TypeVar("T")
 
-REFUSALS = {cls.__name__ for cls in (ConcurrentModificationError, LeaseLostError, RunBusyError)}
+REFUSALS = {
+    cls.__name__
+    for cls in (
+        ConcurrentModificationError,
+        LeaseLostError,
+        RunBusyError,
+        WorkflowNotFoundError,  # send_signal / request on an unknown run
+        InvalidStateError,  # send_signal to a finished run
+    )
+}
 
 _EXAMPLES_ENV = os.environ.get("FLUXRUN_MODEL_EXAMPLES")
 MODEL_SETTINGS = settings(
@@ -73,6 +92,11 @@ MODEL_SETTINGS = settings(
 NAMES = ("alpha", "beta", "a%", "a_pha")
 IDS = ("r0", "r1", "r2", "r3", "r4", "r5", "r_", "r%")
 OWNERS = ("A", "B")
+KEYS = ("k1", "k2", "%")
+SIGNALS = ("go", "stop", "%")
+#: run_after values: the past of every store's clock (T0 is in 2024), or far ahead of it.
+RUN_AFTER = (T0, T0 + dt.timedelta(seconds=3), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))
+WAIT_KINDS = ("signal", "sleep", "backoff")
 WORKFLOW_STATUSES = tuple(WorkflowStatus)
 STEP_STATUSES = tuple(s.value for s in StepStatus)
 TEXTS = ("", "x", "'; DROP TABLE flux_runs;--", "%", "😀 שלום")
@@ -174,6 +198,13 @@ new_runs = st.tuples(
         # A store takes the owner from create()'s arguments, never from the row.
         owner=maybe(st.just("ghost")),
         claims=st.sampled_from((0, 3)),
+        run_after=maybe(st.sampled_from(RUN_AFTER)),
+        wait_kind=maybe(st.sampled_from(WAIT_KINDS)),
+        attempt=st.sampled_from((0, 2)),
+        requested=maybe(st.sampled_from(("cancel", "pause"))),
+        request_reason=maybe(st.sampled_from(TEXTS)),
+        priority=st.sampled_from((-1, 0, 3)),
+        idempotency_key=maybe(st.sampled_from(KEYS)),
     ),
     maybe(st.sampled_from(OWNERS)),
 )
@@ -334,6 +365,15 @@ class StoreModel(RuleBasedStateMachine):
             renew_lease=data.draw(st.sampled_from((None, None, LONG_LEASE)), label="renew"),
             release=data.draw(st.sampled_from((False, False, False, True)), label="release"),
             attempts=tuple(data.draw(st.lists(attempt_rows, max_size=2), label="attempts")),
+            run_after=data.draw(keep_or(maybe(st.sampled_from(RUN_AFTER))), label="run_after"),
+            wait_kind=data.draw(keep_or(maybe(st.sampled_from(WAIT_KINDS))), label="wait_kind"),
+            attempt=data.draw(keep_or(st.integers(0, 3)), label="attempt"),
+            requested=data.draw(st.sampled_from((KEEP, KEEP, None)), label="requested"),
+            consume_signal=data.draw(
+                st.sampled_from((None, None, None))
+                | st.builds(SignalRef, st.integers(1, 4), st.integers(0, 4)),
+                label="consume",
+            ),
         )
         self.both(f"apply {t}", lambda s: s.apply(t), lambda applied: applied)
 
@@ -394,8 +434,86 @@ class StoreModel(RuleBasedStateMachine):
         self.both(
             f"renew_leases {owner} {fences}",
             lambda s: asyncio.to_thread(s.renew_leases, owner, fences, LONG_LEASE),
-            lambda lost: lost,
+            lambda renewed: renewed,
         )
+
+    # -- scheduling verbs ------------------------------------------------------------------------
+
+    @rule(new=new_runs, key=maybe(st.sampled_from(KEYS)), digest=maybe(st.sampled_from("ab")))
+    def start(self, new: tuple[RunRow, str | None], key: str | None, digest: str | None) -> None:
+        row, owner = new
+        self.both(
+            f"start {row} owned by {owner} key {key} hash {digest}",
+            lambda s: s.start(
+                row,
+                lease_owner=owner,
+                lease_seconds=LONG_LEASE,
+                idempotency_key=key,
+                input_hash=digest,
+            ),
+            lambda started: started,
+        )
+
+    @rule(
+        owner=st.sampled_from(OWNERS),
+        names=st.lists(st.sampled_from((*NAMES, "%")), unique=True, max_size=3),
+        limit=st.integers(min_value=0, max_value=4),
+    )
+    def claim_due(self, owner: str, names: list[str], limit: int) -> None:
+        self.both(
+            f"claim_due {owner} {names} {limit}",
+            lambda s: s.claim_due(owner, names, limit, LONG_LEASE),
+            lambda rows: _all(rows),
+        )
+
+    @rule(names=st.lists(st.sampled_from((*NAMES, "%")), unique=True, max_size=3))
+    def next_due(self, names: list[str]) -> None:
+        self.both(f"next_due {names}", lambda s: s.next_due(names), lambda due: due)
+
+    @rule(
+        data=st.data(),
+        name=st.sampled_from(SIGNALS),
+        payload=st.sampled_from(JSON_TEXTS),
+        dedupe=maybe(st.sampled_from(KEYS)),
+    )
+    def send_signal(self, data: st.DataObject, name: str, payload: str, dedupe: str | None) -> None:
+        run_id = self.pick_id(data)
+        self.both(
+            f"send_signal {run_id!r} {name!r} {payload!r} {dedupe!r}",
+            lambda s: s.send_signal(run_id, name, payload, dedupe),
+            lambda sent: sent,
+        )
+
+    @rule(data=st.data(), name=st.sampled_from(SIGNALS))
+    def read_signals(self, data: st.DataObject, name: str) -> None:
+        run_id = self.pick_id(data)
+        self.both(
+            f"list_signals {run_id!r}",
+            lambda s: s.list_signals(run_id),
+            lambda rows: [_signal(r) for r in rows],
+        )
+        self.both(
+            f"first_signal {run_id!r} {name!r}",
+            lambda s: s.first_signal(run_id, name),
+            lambda row: None if row is None else _signal(row),
+        )
+
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(("cancel", "pause")),
+        reason=maybe(st.sampled_from(TEXTS)),
+    )
+    def request(self, data: st.DataObject, kind: str, reason: str | None) -> None:
+        run_id = self.pick_id(data)
+        self.both(
+            f"request {run_id!r} {kind} {reason!r}",
+            lambda s: s.request(run_id, kind, reason),  # type: ignore[arg-type]
+            lambda done: done,
+        )
+
+    @rule(name=maybe(st.sampled_from((*NAMES, "%"))))
+    def counts(self, name: str | None) -> None:
+        self.both(f"counts {name!r}", lambda s: s.counts(name), lambda found: found)
 
     @invariant()
     def same_runs(self) -> None:
@@ -404,6 +522,12 @@ class StoreModel(RuleBasedStateMachine):
 
 def _all(rows: list[RunRow]) -> list[Any]:
     return [seen(r) for r in rows]
+
+
+def _signal(row: SignalRow) -> SignalRow:
+    """An inbox row comparable across backends: ``created_at`` is each store's own clock,
+    and PostgreSQL's jsonb may re-space the payload."""
+    return replace(row, created_at=T0, payload=canonical_text(row.payload))
 
 
 def run_model(make_subject: Callable[[], Awaitable[Store]]) -> None:

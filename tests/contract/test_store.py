@@ -388,15 +388,16 @@ async def test_renew_leases_returns_the_runs_lost(store: Store) -> None:
     assert before is not None
     fences = {"kept": 1, "taken": 1, "released": 1, "other-fence": 2, "deleted": 1}
     # The engine renews from a thread of its own.
-    lost = await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE)
-    assert lost == {"taken", "released", "other-fence", "deleted"}
+    renewed = await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE)
+    assert renewed.requested == {}
+    assert renewed.lost == {"taken", "released", "other-fence", "deleted"}
     kept = await must_load(store, "kept")
     assert kept.lease_until is not None and kept.lease_until > before
     assert kept.version == 1  # renewal is not a transition
     taken = await must_load(store, "taken")
     assert (taken.owner, taken.fence) == ("b", 2)
     assert (await must_load(store, "released")).owner is None
-    assert await asyncio.to_thread(store.renew_leases, "a", {}, LONG_LEASE) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "a", {}, LONG_LEASE)).lost == set()
 
 
 async def test_find_recoverable_returns_unowned_unfinished_runs(store: Store) -> None:

@@ -271,7 +271,7 @@ async def test_huge_leases_are_clamped(store: Store, seconds: float) -> None:
     await store.apply(t("r1", 1, fence=1, renew_lease=seconds))
     await store.apply(t("r1", 2, fence=1, release=True))
     await store.apply(t("r1", 3, claim=Claim("b", seconds)))
-    assert await asyncio.to_thread(store.renew_leases, "b", {"r1": 2}, seconds) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "b", {"r1": 2}, seconds)).lost == set()
     got = await must_load(store, "r1")
     assert got.lease_until is not None
     assert now + dt.timedelta(days=365 * 50) < got.lease_until < now + dt.timedelta(days=365 * 200)
@@ -349,8 +349,9 @@ async def test_a_new_run_with_numbers_beyond_a_column_is_refused(store: Store) -
 async def test_renewing_with_a_fence_beyond_64_bits_loses_that_lease(store: Store) -> None:
     await store.create(make_run("r1"), lease_owner="a", lease_seconds=LONG_LEASE)
     fences = {"r1": 1, "r2": 2**64, "r3": -(2**70)}
-    assert await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE) == {"r2", "r3"}
-    assert await asyncio.to_thread(store.renew_leases, "a", {"r1": 2**63}, 60) == {"r1"}
+    renewed = await asyncio.to_thread(store.renew_leases, "a", fences, LONG_LEASE)
+    assert renewed.lost == {"r2", "r3"}
+    assert (await asyncio.to_thread(store.renew_leases, "a", {"r1": 2**63}, 60)).lost == {"r1"}
 
 
 # -- storage errors name their run -----------------------------------------------------------

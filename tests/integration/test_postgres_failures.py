@@ -211,7 +211,7 @@ async def test_a_frozen_server_gives_storage_errors_not_hangs(own_server: Postgr
 async def _freeze_and_thaw(server: PostgresServer, store: PostgresStorage) -> None:
     await store.init()
     await store.create(_run("r1"), lease_owner="me", lease_seconds=300)
-    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 300) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 300)).lost == set()
     with frozen(server):
         with pytest.raises(StorageError, match="load") as load:
             await store.load("r1")
@@ -241,7 +241,7 @@ async def _freeze_and_thaw(server: PostgresServer, store: PostgresStorage) -> No
             assert time.monotonic() < deadline, "the store never recovered"
             await asyncio.sleep(0.5)
     assert row is not None and row.status == "running" and row.version == 1
-    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 300) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 300)).lost == set()
 
 
 @pytest.mark.postgres

@@ -425,27 +425,27 @@ async def test_find_recoverable_and_lease_renewal(store: PostgresStorage) -> Non
     assert [r.id for r in found] == ["gone"]
     assert await store.find_recoverable([], limit=10) == []
 
-    lost = await asyncio.to_thread(
+    renewed = await asyncio.to_thread(
         store.renew_leases, "me", {"live": 1, "gone": 1, "missing": 1}, 0
     )
-    assert lost == {"gone", "missing"}
+    assert renewed.lost == {"gone", "missing"}
     # Renewed with a zero-length lease: it expired by the database clock, so it is recoverable.
     found = await store.find_recoverable(["wf", "elsewhere"], limit=10)
     assert [r.id for r in found] == ["live", "other", "gone"]
-    assert await asyncio.to_thread(store.renew_leases, "me", {"live": 2}, 30) == {"live"}
-    assert await asyncio.to_thread(store.renew_leases, "me", {}, 30) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "me", {"live": 2}, 30)).lost == {"live"}
+    assert (await asyncio.to_thread(store.renew_leases, "me", {}, 30)).lost == set()
 
 
 async def test_lease_renewal_reconnects_after_its_connection_dies(
     store: PostgresStorage, fresh_pg_dsn: str
 ) -> None:
     await store.create(_run("r1"), lease_owner="me", lease_seconds=30)
-    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30)).lost == set()
     renewal = store._renewer.conn
     assert renewal is not None
     with psycopg.connect(fresh_pg_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (renewal.info.backend_pid,))
-    assert await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30) == set()
+    assert (await asyncio.to_thread(store.renew_leases, "me", {"r1": 1}, 30)).lost == set()
     assert store._renewer.conn is not None and store._renewer.conn is not renewal
     await store.close()
     with pytest.raises(StorageError, match="closed"):
@@ -544,6 +544,7 @@ async def test_hostile_strings_are_stored_and_filtered_exactly(
             ("flux_attempts",),
             ("flux_runs",),
             ("flux_schema",),
+            ("flux_signals",),
             ("flux_steps",),
         ]
 
@@ -596,7 +597,7 @@ async def test_a_pool_passed_in_is_used_and_never_closed(fresh_pg_dsn: str) -> N
             assert result.status == WorkflowStatus.COMPLETED
             assert len(await engine.list()) == 1
             # The renewal connection is built from the pool's settings.
-            assert await asyncio.to_thread(store.renew_leases, "x", {result.id: 1}, 5) == {
+            assert (await asyncio.to_thread(store.renew_leases, "x", {result.id: 1}, 5)).lost == {
                 result.id
             }
         assert pool.closed is False

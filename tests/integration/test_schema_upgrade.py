@@ -1,6 +1,7 @@
-"""A database made by an older fluxrun (schema 1 only, holding runs and steps) is migrated
-forward by the current stores: the old rows read back unchanged and the new features
-(error types, tracebacks, the attempt log) work on them. Both SQL dialects."""
+"""A database made by an older fluxrun (schema 1 only, or schemas 1 and 2, holding runs and
+steps) is migrated forward by the current stores: the old rows read back unchanged and the
+new features (error types, tracebacks, the attempt log; the scheduling columns, the signal
+inbox, idempotent start, claims and requests) work on them. Both SQL dialects."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fluxrun.errors import InvalidStateError
 from fluxrun.storage._base import AttemptRow, Store, Transition
 from fluxrun.storage._migrations import migrations
 from fluxrun.storage.sqlite import SQLiteStorage, to_micros
@@ -35,13 +37,14 @@ STEPS = [
 ]  # fmt: skip
 
 
-def _sqlite_v1(path: str) -> None:
-    """What SQLiteStorage made before schema 2: migration 1 and its bookkeeping."""
+def _sqlite_v1(path: str, upto: int = 1) -> None:
+    """What SQLiteStorage made before schema ``upto + 1``: migrations 1..upto, bookkeeping."""
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE flux_schema (version INTEGER NOT NULL)")
-        for statement in migrations("sqlite")[0].statements:
-            conn.execute(statement)
-        conn.execute("INSERT INTO flux_schema (version) VALUES (1)")
+        for m in migrations("sqlite")[:upto]:
+            for statement in m.statements:
+                conn.execute(statement)
+        conn.execute("INSERT INTO flux_schema (version) VALUES (?)", (upto,))
         for r in RUNS:
             conn.execute(
                 "INSERT INTO flux_runs (id, name, status, input, step_names, current_step, "
@@ -66,14 +69,15 @@ def _sqlite_version(path: str) -> int:
     return version
 
 
-def _postgres_v1(dsn: str) -> None:
+def _postgres_v1(dsn: str, upto: int = 1) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=False) as conn:
         conn.execute("CREATE TABLE flux_schema (version INTEGER NOT NULL)")
-        for statement in migrations("postgres")[0].statements:
-            conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO flux_schema (version) VALUES (1)")
+        for m in migrations("postgres")[:upto]:
+            for statement in m.statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO flux_schema (version) VALUES (%s)", (upto,))
         for r in RUNS:
             conn.execute(
                 "INSERT INTO flux_runs (id, name, status, input, step_names, current_step, "
@@ -186,5 +190,91 @@ async def test_an_old_database_is_migrated_and_keeps_its_runs(old_database: Setu
         # Opening it again is a no-op.
         await store.init()
         assert schema_version() == len(migrations("sqlite"))
+    finally:
+        await store.close()
+
+
+# A schema-2 attempt of old-1's step 1 (timestamps as SQLite stores them).
+ATTEMPT_SQL = (
+    "INSERT INTO flux_attempts (run_id, seq, idx, name, attempt, kind, status, started_at, "
+    "finished_at, duration_ms, error_type, error, traceback) "
+    "VALUES (%s, %s, %s, %s, %s, 'step', 'failed', %s, %s, %s, %s, %s, %s)"
+)
+ATTEMPT = ("old-1", 1, 1, "b", 1, to_micros(T0), to_micros(T1), 2.5, "builtins.KeyError", "k", "tb")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def v2_database(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
+    """A schema-2 database (before the scheduling columns) with data."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "v2.db")
+        _sqlite_v1(path, upto=2)
+        with sqlite3.connect(path) as conn:
+            conn.execute(ATTEMPT_SQL.replace("%s", "?"), ATTEMPT)
+        conn.close()
+        return (lambda: SQLiteStorage(path)), (lambda: _sqlite_version(path))
+    dsn: str = request.getfixturevalue("fresh_pg_dsn")
+    _postgres_v1(dsn, upto=2)
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        conn.execute(ATTEMPT_SQL, (*ATTEMPT[:5], T0, T1, *ATTEMPT[7:]))
+    from fluxrun.storage.postgres import PostgresStorage
+
+    return (lambda: PostgresStorage(dsn)), (lambda: _postgres_version(dsn))
+
+
+async def test_a_schema_2_database_gets_the_scheduling_schema(v2_database: Setup) -> None:
+    open_store, schema_version = v2_database
+    assert schema_version() == 2
+    store = open_store()
+    try:
+        await store.init()
+        assert schema_version() == 3
+        old = await store.load("old-2")
+        assert old is not None
+        # The new columns have their defaults on the old rows.
+        assert (old.run_after, old.wait_kind, old.attempt, old.requested, old.priority) == (
+            None,
+            None,
+            0,
+            None,
+            0,
+        )
+        assert old.idempotency_key is None and old.request_reason is None
+        assert [s.waiting_for for s in old.steps] == ["approval"]
+        attempts = await store.list_attempts("old-1")
+        assert [(a.seq, a.index, a.error_type, a.started_at) for a in attempts] == [
+            (1, 1, "builtins.KeyError", T0)
+        ]
+        # A suspended old run becomes a signal wait; a signal makes it due.
+        await store.apply(Transition("old-2", 2, T1, wait_kind="signal"))
+        assert await store.claim_due("me", ["order"], 10, 60) == []
+        sent = await store.send_signal("old-2", "approval", '{"ok": true}', dedupe_key="d")
+        assert (sent.seq, sent.created) == (1, True)
+        with pytest.raises(InvalidStateError):
+            await store.send_signal("old-1", "approval", "1")  # failed: finished
+        claimed = await store.claim_due("me", ["order"], 10, 60)
+        assert [(r.id, r.fence, r.version) for r in claimed] == [("old-2", 5, 4)]
+        assert await store.request("old-2", "cancel", "no longer needed") is True
+        assert await store.request("old-1", "cancel") is False
+        assert await store.counts("order") == {"failed": 1, "suspended": 1}
+        # Idempotent start works next to the old runs (which have no key).
+        new = replace(old, id="new-1", status="pending", steps=(), idempotency_key=None)
+        first = await store.start(
+            new, lease_owner=None, lease_seconds=0, idempotency_key="k", input_hash="h"
+        )
+        again = await store.start(
+            replace(new, id="new-2"), lease_owner=None, lease_seconds=0, idempotency_key="k"
+        )
+        assert (first.created, again.created, again.run_id, again.input_hash) == (
+            True,
+            False,
+            "new-1",
+            "h",
+        )
+        # Opening it again is a no-op.
+        await store.init()
+        assert schema_version() == 3
     finally:
         await store.close()

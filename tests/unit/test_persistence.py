@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -30,7 +31,12 @@ from fluxrun.storage._base import (
     Applied,
     AttemptRow,
     ListQuery,
+    Renewed,
+    RequestKind,
     RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
     StepRow,
     Store,
     Transition,
@@ -83,8 +89,50 @@ class CountingStore(Store):
     async def find_recoverable(self, names: Sequence[str], limit: int) -> list[RunRow]:
         return await self.inner.find_recoverable(names, limit)
 
-    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> set[str]:
+    def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
         return self.inner.renew_leases(owner, fences, lease_seconds)
+
+    async def start(
+        self,
+        run: RunRow,
+        *,
+        lease_owner: str | None,
+        lease_seconds: float,
+        idempotency_key: str | None = None,
+        input_hash: str | None = None,
+    ) -> Started:
+        return await self.inner.start(
+            run,
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
+            idempotency_key=idempotency_key,
+            input_hash=input_hash,
+        )
+
+    async def claim_due(
+        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[RunRow]:
+        return await self.inner.claim_due(owner, names, limit, lease_seconds)
+
+    async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
+        return await self.inner.next_due(names)
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
+    ) -> SignalSent:
+        return await self.inner.send_signal(run_id, name, payload, dedupe_key)
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        return await self.inner.list_signals(run_id)
+
+    async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
+        return await self.inner.first_signal(run_id, name)
+
+    async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
+        return await self.inner.request(run_id, kind, reason)
+
+    async def counts(self, name: str | None = None) -> dict[str, int]:
+        return await self.inner.counts(name)
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -1,0 +1,455 @@
+"""Helpers of :mod:`fluxrun.storage.sqlite`: SQL text, value conversion, and the scheduling
+verbs as plain functions over a connection (the store runs them with its locking).
+
+Every function here that writes opens its own ``BEGIN IMMEDIATE`` transaction: SQLite has
+one writer per database, so inside it nothing else changes what was read, and a claim, a
+start or a signal needs no row locks of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ConcurrentModificationError
+from ._base import (
+    FINISHED_STATUSES,
+    KEEP,
+    Applied,
+    RunRow,
+    SignalRow,
+    SignalSent,
+    Started,
+    StepRow,
+    Transition,
+    transition_error,
+)
+from ._rows import (
+    ATTEMPT_COLUMNS,
+    RUN_COLUMNS,
+    SIGNAL_COLUMNS,
+    STEP_COLUMNS,
+    attempt_fields,
+    run_from,
+    signal_from,
+    step_fields,
+    step_from,
+)
+from ._sched import finished_error, not_found_error, unconsumable_error
+
+__all__ = [
+    "INSERT_ATTEMPT",
+    "INSERT_STEP",
+    "MAX_MICROS",
+    "RUN_SELECT",
+    "STEP_SELECT",
+    "UPDATE_STEP",
+    "apply",
+    "claim_due",
+    "counts",
+    "duplicate",
+    "first_signal",
+    "from_micros",
+    "insert_run",
+    "list_signals",
+    "next_due",
+    "request",
+    "run_row",
+    "send_signal",
+    "start",
+    "step_row",
+    "step_values",
+    "to_micros",
+]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICRO = dt.timedelta(microseconds=1)
+#: Microseconds of the latest time a datetime can hold: a lease expiry never goes past it.
+MAX_MICROS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // _MICRO
+
+RUN_SELECT = ", ".join(RUN_COLUMNS)
+STEP_SELECT = ", ".join(STEP_COLUMNS)
+_SIGNAL_SELECT = ", ".join(SIGNAL_COLUMNS)
+INSERT_STEP = (
+    "INSERT INTO flux_steps (run_id, " + STEP_SELECT + ") "
+    "VALUES (?, " + ", ".join("?" * len(STEP_COLUMNS)) + ")"
+)
+UPDATE_STEP = (
+    "UPDATE flux_steps SET "
+    + ", ".join(c + " = ?" for c in STEP_COLUMNS[1:])
+    + " WHERE run_id = ? AND idx = ?"
+)
+# seq is the next number within the run; the transition holds the write lock, so no race.
+INSERT_ATTEMPT = (
+    "INSERT INTO flux_attempts (run_id, " + ", ".join(ATTEMPT_COLUMNS) + ") VALUES (?, "
+    "(SELECT coalesce(max(seq), 0) + 1 FROM flux_attempts WHERE run_id = ?), "
+    + ", ".join("?" * (len(ATTEMPT_COLUMNS) - 1))
+    + ")"
+)
+# ON CONFLICT DO NOTHING covers only uniqueness (the id, the idempotency key): a CHECK on
+# JSON text still fails the insert.
+_INSERT_RUN = (
+    "INSERT INTO flux_runs ("
+    + RUN_SELECT
+    + ", input_hash) VALUES ("
+    + ", ".join("?" * (len(RUN_COLUMNS) + 1))
+    + ")"
+)
+_CONSUME = (
+    "UPDATE flux_signals SET consumed_by_step = ?, consumed_at = ? "
+    "WHERE run_id = ? AND seq = ? AND consumed_by_step IS NULL"
+)
+_FINISHED = "('" + "', '".join(FINISHED_STATUSES) + "')"
+_UNOWNED = "(owner IS NULL OR lease_until IS NULL OR lease_until <= :now)"
+# The due rule of Store.claim_due, in the order of MemoryStorage's _Run.due.
+_DUE = (
+    "SELECT id FROM flux_runs WHERE name IN (SELECT value FROM json_each(:names)) AND "
+    + _UNOWNED
+    + " AND status NOT IN "
+    + _FINISHED
+    + " AND (requested IS NOT NULL"
+    " OR (status IN ('pending', 'running', 'rolling_back')"
+    " AND (run_after IS NULL OR run_after <= :now))"
+    " OR (status = 'suspended' AND (run_after <= :now OR (wait_kind = 'signal' AND EXISTS ("
+    "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id"
+    " AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL)))))"
+    " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), rowid"
+    " LIMIT :limit"
+)
+_CLAIM = (
+    "UPDATE flux_runs SET owner = :owner, lease_until = :until, fence = fence + 1, "
+    "claims = claims + 1, version = version + 1 "
+    "WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING " + RUN_SELECT
+)
+
+
+def apply(
+    conn: sqlite3.Connection, t: Transition, now: int, lease_until: Callable[[int, float], int]
+) -> Applied:
+    """Apply one transition in one ``BEGIN IMMEDIATE`` transaction (see :class:`Transition`)."""
+    sets = ["version = version + 1", "updated_at = ?"]
+    params: list[Any] = [to_micros(t.updated_at)]
+    where = ["id = ?", "version = ?"]
+    wparams: list[Any] = [t.run_id, t.expected_version]
+    if t.fence is not None:
+        where.append("fence = ?")
+        wparams.append(t.fence)
+    else:
+        where.append("(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)")
+        wparams.append(now)
+    if t.claim is not None:
+        sets += ["fence = fence + 1", "owner = ?", "lease_until = ?", "claims = claims + 1"]
+        params += [t.claim.owner, lease_until(now, t.claim.lease_seconds)]
+    elif t.renew_lease is not None:
+        sets.append("lease_until = ?")
+        params.append(lease_until(now, t.renew_lease))
+    if t.release:
+        sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
+    elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
+        sets.append("claims = 1")  # progress: only the current claim counts now
+    for column in ("status", "current_step", "error", "wait_name", "wait_kind", "attempt"):
+        value = getattr(t, column)
+        if value is not KEEP:
+            sets.append(f"{column} = ?")
+            params.append(value)
+    if t.completed_at is not KEEP:
+        sets.append("completed_at = ?")
+        params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
+    if t.run_after is not KEEP:
+        sets.append("run_after = ?")
+        params.append(to_micros(t.run_after))  # type: ignore[arg-type]
+    if t.requested is not KEEP:
+        sets.append("requested = NULL, request_reason = NULL")
+    update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
+    conn.execute("BEGIN IMMEDIATE")
+    row: tuple[int, int] | None
+    if t.fence is not None and t.claim is None:
+        # The usual step commit: the new version and fence are known, and SQLite's
+        # RETURNING (which goes through a temporary table) would cost a fifth of it.
+        applied = conn.execute(update, params + wparams).rowcount == 1
+        row = (t.expected_version + 1, t.fence) if applied else None
+    else:
+        row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
+    if row is None:
+        error = _diagnose(conn, t, now)
+        conn.execute("ROLLBACK")
+        raise error
+    if t.consume_signal is not None:
+        c = t.consume_signal
+        consumed = conn.execute(
+            _CONSUME, (c.step, to_micros(t.updated_at), t.run_id, c.seq)
+        ).rowcount
+        if consumed != 1:
+            conn.execute("ROLLBACK")
+            raise unconsumable_error(t.run_id, c.seq)
+    if t.delete_steps_from is not None:
+        keep = ",".join("?" * len(t.keep_steps))
+        conn.execute(
+            "DELETE FROM flux_steps WHERE run_id = ? AND idx >= ?"
+            + (f" AND idx NOT IN ({keep})" if keep else ""),
+            (t.run_id, t.delete_steps_from, *t.keep_steps),
+        )
+    if t.insert_step is not None:
+        s = t.insert_step
+        try:
+            conn.execute(INSERT_STEP, (t.run_id, s.index, *step_values(s)))
+        except sqlite3.IntegrityError as exc:
+            if not duplicate(exc):
+                raise
+            conn.execute("ROLLBACK")
+            raise ConcurrentModificationError(
+                f"step {s.index} of run {t.run_id!r} is already recorded",
+                workflow_id=t.run_id,
+            ) from exc
+    if t.update_step is not None:
+        s = t.update_step
+        cur = conn.execute(UPDATE_STEP, (*step_values(s), t.run_id, s.index))
+        if cur.rowcount != 1:
+            conn.execute("ROLLBACK")
+            raise ConcurrentModificationError(
+                f"step {s.index} of run {t.run_id!r} has no recorded outcome",
+                workflow_id=t.run_id,
+            )
+    if t.attempts:
+        conn.executemany(
+            INSERT_ATTEMPT,
+            [(t.run_id, t.run_id, *attempt_fields(a, to_micros)) for a in t.attempts],
+        )
+    conn.execute("COMMIT")
+    return Applied(version=row[0], fence=row[1])
+
+
+def _diagnose(conn: sqlite3.Connection, t: Transition, now: int) -> ConcurrentModificationError:
+    found = conn.execute(
+        "SELECT name, version, fence, owner, lease_until FROM flux_runs WHERE id = ?",
+        (t.run_id,),
+    ).fetchone()
+    if found is None:
+        return ConcurrentModificationError(
+            f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
+        )
+    error = transition_error(
+        t.run_id,
+        found[0],
+        found[1],
+        found[2],
+        found[3],
+        from_micros(found[4]),
+        t,
+        from_micros(now),  # type: ignore[arg-type]
+    )
+    return error or ConcurrentModificationError(
+        f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
+    )
+
+
+def to_micros(value: dt.datetime | None) -> int | None:
+    """A UTC datetime as integer microseconds since the epoch (exact, unlike a float)."""
+    return None if value is None else (value - _EPOCH) // _MICRO
+
+
+def from_micros(value: int | None) -> dt.datetime | None:
+    """Inverse of :func:`to_micros`."""
+    return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
+
+
+def step_values(s: StepRow) -> tuple[Any, ...]:
+    return step_fields(s, to_micros)
+
+
+def step_row(r: tuple[Any, ...]) -> StepRow:
+    return step_from(r, from_micros)
+
+
+def run_row(r: tuple[Any, ...], steps: tuple[StepRow, ...] = ()) -> RunRow:
+    return run_from(r, from_micros, steps)
+
+
+def duplicate(exc: sqlite3.IntegrityError) -> bool:
+    """Whether a constraint failure is a duplicate key (not, say, a CHECK on JSON text)."""
+    return getattr(exc, "sqlite_errorcode", None) in (
+        1555,  # SQLITE_CONSTRAINT_PRIMARYKEY
+        2067,  # SQLITE_CONSTRAINT_UNIQUE
+    )
+
+
+def insert_run(
+    conn: sqlite3.Connection,
+    run: RunRow,
+    owner: str | None,
+    lease_until: int | None,
+    *,
+    input_hash: str | None = None,
+    or_nothing: bool = False,
+) -> bool:
+    """Insert ``run`` owned by ``owner``; with ``or_nothing``, False when its id or key is taken."""
+    sql = _INSERT_RUN + (" ON CONFLICT DO NOTHING" if or_nothing else "")
+    cur = conn.execute(
+        sql,
+        (
+            run.id,
+            run.name,
+            run.definition_version,
+            run.status,
+            run.input,
+            json.dumps(list(run.step_names)),
+            run.current_step,
+            run.error,
+            to_micros(run.created_at),
+            to_micros(run.updated_at),
+            to_micros(run.completed_at),
+            run.version,
+            run.fence,
+            owner,
+            lease_until,
+            1 if owner else 0,
+            run.wait_name,
+            to_micros(run.run_after),
+            run.wait_kind,
+            run.attempt,
+            run.requested,
+            run.request_reason,
+            run.priority,
+            run.idempotency_key,
+            input_hash,
+        ),
+    )
+    return cur.rowcount == 1
+
+
+def start(
+    conn: sqlite3.Connection,
+    run: RunRow,
+    owner: str | None,
+    lease_until: int | None,
+    input_hash: str | None,
+) -> Started:
+    """Insert-or-observe ``run`` (its ``idempotency_key`` already chosen)."""
+    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    if insert_run(conn, run, owner, lease_until, input_hash=input_hash, or_nothing=True):
+        conn.execute("COMMIT")
+        return Started(run.id, True, input_hash)
+    # Taken: the write lock is held, so the run that took it is there to read. A key match
+    # wins over an id match (the caller asked for that key).
+    found = conn.execute(
+        "SELECT id, input_hash FROM flux_runs WHERE (name = ? AND idempotency_key = ?) "
+        "OR id = ? ORDER BY id = ? LIMIT 1",
+        (run.name, run.idempotency_key, run.id, run.id),
+    ).fetchone()
+    conn.execute("ROLLBACK")
+    assert found is not None
+    return Started(found[0], False, found[1])
+
+
+def claim_due(
+    conn: sqlite3.Connection,
+    owner: str,
+    names: Sequence[str],
+    limit: int,
+    now: int,
+    until: int,
+) -> list[RunRow]:
+    """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order."""
+    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    selected = conn.execute(_DUE, {"names": json.dumps(list(names)), "now": now, "limit": limit})
+    ids = [r[0] for r in selected.fetchall()]
+    if not ids:
+        conn.execute("ROLLBACK")
+        return []
+    claimed = conn.execute(_CLAIM, {"owner": owner, "until": until, "ids": json.dumps(ids)})
+    rows = claimed.fetchall()
+    conn.execute("COMMIT")
+    # RETURNING gives no order; the selection's order is the claim order.
+    by_id = {r[0]: run_row(r) for r in rows}
+    return [by_id[i] for i in ids]
+
+
+def next_due(conn: sqlite3.Connection, names: Sequence[str]) -> dt.datetime | None:
+    found = conn.execute(
+        "SELECT min(run_after) FROM flux_runs WHERE name IN (SELECT value FROM json_each(?)) "
+        "AND status IN ('pending', 'suspended') AND run_after IS NOT NULL",
+        (json.dumps(list(names)),),
+    ).fetchone()
+    return from_micros(found[0])
+
+
+def send_signal(
+    conn: sqlite3.Connection,
+    run_id: str,
+    name: str,
+    payload: str,
+    dedupe_key: str | None,
+    now: int,
+) -> SignalSent:
+    """Append an inbox row; the write lock is taken first, so a transition that checks the
+    inbox before suspending runs entirely before or after this."""
+    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    run = conn.execute("SELECT name, status FROM flux_runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None:
+        conn.execute("ROLLBACK")
+        raise not_found_error(run_id)
+    if run[1] in FINISHED_STATUSES:
+        conn.execute("ROLLBACK")
+        raise finished_error(run_id, run[0], run[1])
+    if dedupe_key is not None:
+        seen = conn.execute(
+            "SELECT seq FROM flux_signals WHERE run_id = ? AND dedupe_key = ?",
+            (run_id, dedupe_key),
+        ).fetchone()
+        if seen is not None:
+            conn.execute("ROLLBACK")
+            return SignalSent(seen[0], False)
+    seq: int = conn.execute(
+        "INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
+        "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals WHERE run_id = ?), "
+        "?, ?, ?, ?) RETURNING seq",
+        (run_id, run_id, name, payload, dedupe_key, now),
+    ).fetchone()[0]
+    conn.execute("COMMIT")
+    return SignalSent(seq, True)
+
+
+def list_signals(conn: sqlite3.Connection, run_id: str) -> list[SignalRow]:
+    rows = conn.execute(
+        "SELECT " + _SIGNAL_SELECT + " FROM flux_signals WHERE run_id = ? ORDER BY seq", (run_id,)
+    ).fetchall()
+    return [signal_from(r, from_micros) for r in rows]
+
+
+def first_signal(conn: sqlite3.Connection, run_id: str, name: str) -> SignalRow | None:
+    r = conn.execute(
+        "SELECT " + _SIGNAL_SELECT + " FROM flux_signals WHERE run_id = ? AND name = ? "
+        "AND consumed_by_step IS NULL ORDER BY seq LIMIT 1",
+        (run_id, name),
+    ).fetchone()
+    return None if r is None else signal_from(r, from_micros)
+
+
+def request(conn: sqlite3.Connection, run_id: str, kind: str, reason: str | None) -> bool:
+    """Set a request unless the run is finished; a cancel replaces a pause, never the reverse."""
+    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    run = conn.execute("SELECT status FROM flux_runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None:
+        conn.execute("ROLLBACK")
+        raise not_found_error(run_id)
+    if run[0] in FINISHED_STATUSES:
+        conn.execute("ROLLBACK")
+        return False
+    conn.execute(
+        "UPDATE flux_runs SET requested = ?, request_reason = ? WHERE id = ? "
+        "AND (requested IS NULL OR (requested = 'pause' AND ? = 'cancel'))",
+        (kind, reason, run_id, kind),
+    )
+    conn.execute("COMMIT")
+    return True
+
+
+def counts(conn: sqlite3.Connection, name: str | None) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT status, count(*) FROM flux_runs WHERE ? IS NULL OR name = ? GROUP BY status",
+        (name, name),
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
