@@ -43,7 +43,9 @@ async def fetch(ctx: WorkflowContext) -> None:
 
 async def render(ctx: WorkflowContext) -> None:
     full = ctx.attempt == 1 or not ctx.input["allow_summary"]
-    await asyncio.sleep(1.0 if full else 0.05)  # the full report is too slow for the timeout
+    # The full report never fits in the timeout; the summary needs no wait at all, so it is
+    # done well inside the timeout however busy the machine is.
+    await asyncio.sleep(3600 if full else 0)
     ctx.data["report"] = f"{'full' if full else 'summary'} report of {ctx.data['rows']} rows"
 
 

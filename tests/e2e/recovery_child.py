@@ -3,6 +3,8 @@
 Usage: ``python recovery_child.py '<json config>'`` with the keys
 
 * ``db``: the SQLite file; ``lease``: lease seconds; ``max_recoveries``: engine setting;
+* ``clock``: optional path of a :class:`recovery_flows.FileClock` the store reads its time
+  from (shared with the test, which moves it);
 * ``action``: ``"execute"`` (start ``flow`` with ``input`` and drive it), ``"signal"``
   (send ``go`` with ``payload`` to run ``run_id`` of ``flow`` and drive it on) or
   ``"recover"`` (``engine.recover()``: finish every unfinished run no live lease protects);
@@ -23,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recovery_flows import CHILD_ENV, saga, waiter
+from recovery_flows import CHILD_ENV, FileClock, saga, waiter
 
 from fluxrun import FluxEngine, RetryPolicy, SQLiteStorage
 
@@ -32,8 +34,14 @@ FLOWS = {"saga": saga, "waiter": waiter}
 
 async def main(config: dict[str, Any]) -> None:
     os.environ[CHILD_ENV] = "1"
+    clock = config.get("clock")
+    storage = (
+        SQLiteStorage(config["db"])
+        if clock is None
+        else SQLiteStorage(config["db"], clock=FileClock(clock))
+    )
     engine = FluxEngine(
-        storage=SQLiteStorage(config["db"]),
+        storage=storage,
         lease=float(config["lease"]),
         max_recoveries=int(config.get("max_recoveries", 5)),
         retry_policy=RetryPolicy(initial_delay=0, jitter=False),

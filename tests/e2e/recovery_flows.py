@@ -13,8 +13,11 @@ The input also says where a step misbehaves:
   with ``once``, only the first time (the marker file remembers it across processes). Only a
   child process (``FLUXRUN_E2E_CHILD=1``) ever crashes; in the test process the step fails
   instead, so a mistake in a test can never kill pytest.
-* ``block``: ``{"at": key, "seconds": s}``: the step blocks the event loop with
-  ``time.sleep``, as CPU-bound or synchronous code inside an async handler would.
+* ``block``: ``{"at": key, ...}``: the step blocks the event loop with ``time.sleep``, as
+  CPU-bound or synchronous code inside an async handler would, until the file
+  ``"until": path`` exists (the test creates it once it saw what it waits for) or until the
+  effects file holds ``"until_count": n`` lines of this step of this run (other executors
+  ran it too): as long as the machine needs, never a guessed number of seconds.
 * ``fail``: true makes the last step ``d`` raise, which rolls the run back.
 """
 
@@ -27,9 +30,42 @@ from typing import Any
 
 from fluxrun import WorkflowContext, create_workflow, wait
 
-__all__ = ["CHILD_ENV", "read_effects", "record", "saga", "waiter"]
+__all__ = ["CHILD_ENV", "FileClock", "read_effects", "record", "saga", "waiter"]
 
 CHILD_ENV = "FLUXRUN_E2E_CHILD"
+#: How long a step blocked until a condition waits for it before it gives up (and fails).
+BLOCK_DEADLINE = 120.0
+
+
+class FileClock:
+    """A store clock (``SQLiteStorage(clock=...)``) shared by processes through a file.
+
+    It stands still until :meth:`advance` moves it, so leases expire when a test says so,
+    not when a busy machine happens to get there.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def start(cls, path: str) -> FileClock:
+        """A new clock at ``path``, set to the current time (whole seconds)."""
+        clock = cls(path)
+        clock.set(float(int(time.time())))
+        return clock
+
+    def __call__(self) -> float:
+        with open(self.path, encoding="utf-8") as fh:
+            return float(fh.read())
+
+    def set(self, now: float) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(repr(now))
+        os.replace(tmp, self.path)  # readers see the old or the new time, never half of it
+
+    def advance(self, seconds: float) -> None:
+        self.set(self() + seconds)
 
 
 def record(path: str, run_id: str, key: str, attempt: int) -> None:
@@ -56,7 +92,7 @@ def read_effects(path: str) -> list[tuple[str, str, int]]:
 def _misbehave(ctx: WorkflowContext, key: str) -> None:
     plan: dict[str, Any] = ctx.input.get("block") or {}
     if plan.get("at") == key:
-        time.sleep(float(plan["seconds"]))  # blocks the event loop on purpose
+        _block_until(ctx, key, plan)  # blocks the event loop on purpose
     plans = ctx.input.get("crash") or {}
     # One plan, or a list of them (a crash at several places, e.g. each once).
     listed = [plans] if isinstance(plans, dict) else plans
@@ -74,6 +110,20 @@ def _misbehave(ctx: WorkflowContext, key: str) -> None:
     if plan.get("mode") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(1)
+
+
+def _block_until(ctx: WorkflowContext, key: str, plan: dict[str, Any]) -> None:
+    def done() -> bool:
+        if "until" in plan:
+            return os.path.exists(plan["until"])
+        runs = [k for rid, k, _ in read_effects(ctx.input["fx"]) if rid == ctx.id and k == key]
+        return len(runs) >= int(plan["until_count"])
+
+    deadline = time.monotonic() + BLOCK_DEADLINE
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"step {key!r} blocked on {plan} for {BLOCK_DEADLINE}s")
+        time.sleep(0.01)
 
 
 def _forward(key: str) -> Any:

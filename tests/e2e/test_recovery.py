@@ -5,7 +5,11 @@ Runs are left unfinished the honest way: a child process (``recovery_child.py``)
 and dies inside a step (``os._exit(1)`` or SIGKILL). Every step and compensation appends a
 line to an effects file, so the tests count real executions, not just what the store says.
 Leases are short (0.5 s) to keep the tests fast; the tests wait for a lease to expire by
-polling the store, never by asserting how long anything took.
+polling the store, never by asserting how long anything took. Where a lease must *not*
+expire while a step blocks, the stores read a shared clock that stands still
+(``FileClock``) and the test moves it on only after the lease keeper renewed, so a busy
+machine that starves the keeper thread for a moment cannot fake a lost lease. Steps block
+until the test saw what it waits for, not for a guessed number of seconds.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from recovery_flows import read_effects, saga, waiter
+from recovery_flows import FileClock, read_effects, saga, waiter
 
 from fluxrun import (
     FluxEngine,
@@ -50,9 +55,9 @@ def paths(tmp_path: Path) -> Paths:
     return Paths(db=str(tmp_path / "runs.db"), fx=str(tmp_path / "effects.log"), tmp=tmp_path)
 
 
-def make_engine(db: str, **kw: Any) -> FluxEngine:
+def make_engine(db: str, *, clock: Callable[[], float] | None = None, **kw: Any) -> FluxEngine:
     engine = FluxEngine(
-        storage=SQLiteStorage(db),
+        storage=SQLiteStorage(db) if clock is None else SQLiteStorage(db, clock=clock),
         lease=LEASE,
         retry_policy=RetryPolicy(initial_delay=0, jitter=False),
         **kw,
@@ -92,6 +97,50 @@ async def until_recoverable(engine: FluxEngine, run_id: str) -> None:
     while run_id not in {r.id for r in await engine.storage.find_recoverable(NAMES, 100)}:
         assert time.monotonic() < deadline, f"run {run_id} never became recoverable"
         await asyncio.sleep(0.05)
+
+
+async def until(
+    what: str, condition: Callable[[], bool | Awaitable[bool]], proc: Any = None
+) -> None:
+    """Poll ``condition`` until it holds (a generous deadline only catches a hang); with
+    ``proc``, fail at once if that child process ended meanwhile."""
+    deadline = time.monotonic() + 60
+    while True:
+        met = condition()
+        if not isinstance(met, bool):
+            met = await met
+        if met:
+            return
+        if proc is not None:
+            assert proc.poll() is None, (what, proc.communicate())
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def ran(p: Paths, key: str) -> Callable[[], bool]:
+    """Whether step ``key`` (of the only run) has really started."""
+    return lambda: any(k == key for _, k, _ in read_effects(p.fx))
+
+
+#: The shared clock is moved on by three leases while a step blocks, half a lease at a time.
+ADVANCES = 6
+
+
+async def three_leases_pass(
+    clock: FileClock, renewed: Callable[[], Awaitable[bool]], poll: Callable[[], Awaitable[Any]]
+) -> int:
+    """Move ``clock`` on by three leases, half a lease at a time. Before the first move and
+    after each, wait until the keeper ``renewed`` at the current time, then ``poll`` once
+    (so the lease never runs out on the clock unless renewals are missing). Returns the
+    number of polls."""
+    polls = 0
+    for advance in range(ADVANCES + 1):
+        if advance:
+            clock.advance(LEASE / 2)
+        await until("a lease renewal at the current time", renewed)
+        await poll()
+        polls += 1
+    return polls
 
 
 def saga_input(p: Paths, **extra: Any) -> dict[str, Any]:
@@ -249,10 +298,10 @@ async def test_run_crashed_after_its_signal_is_recovered_with_the_payload(paths:
 async def test_suspended_run_is_not_recovered(paths: Paths) -> None:
     child = run_child(paths, action="execute", flow="waiter", input=saga_input(paths), then="kill")
     assert child.returncode == -9, child.stderr
-    async with make_engine(paths.db) as engine:
+    # This engine's clock is an hour ahead: any lease the dead process held is over for it.
+    async with make_engine(paths.db, clock=lambda: time.time() + 3600) as engine:
         run = await only_run(engine)
         assert run.status == WorkflowStatus.SUSPENDED
-        await asyncio.sleep(LEASE * 2)  # any lease the dead process held is over by now
         assert await engine.storage.find_recoverable(NAMES, 100) == []
         assert await engine.recover() == []
         state = await engine.get(run.id)
@@ -266,83 +315,156 @@ async def test_suspended_run_is_not_recovered(paths: Paths) -> None:
 
 
 async def test_run_of_a_live_process_blocking_its_loop_is_left_alone(paths: Paths) -> None:
-    """The child's step blocks its event loop for 3 leases; its lease thread keeps the run."""
-    block = LEASE * 3
+    """The child's step blocks its event loop while three leases pass on the shared clock;
+    its lease thread keeps the run."""
+    clock = FileClock.start(str(paths.tmp / "clock"))
+    release = paths.tmp / "release-b"
     proc = subprocess.Popen(
         child_argv(
             paths,
+            clock=clock.path,
             action="execute",
             flow="saga",
-            input=saga_input(paths, block={"at": "b", "seconds": block}),
+            input=saga_input(paths, block={"at": "b", "until": str(release)}),
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        async with make_engine(paths.db) as engine:
-            while not any(key == "b" for _, key, _ in read_effects(paths.fx)):
-                assert proc.poll() is None, proc.communicate()
-                await asyncio.sleep(0.01)
+        async with make_engine(paths.db, clock=clock) as engine:
+            await until("step b to block the child", ran(paths, "b"), proc)
             run = await only_run(engine)
-            recovered = []
-            polls = 0
-            while proc.poll() is None:
-                recovered += await engine.recover()
-                polls += 1
-                await asyncio.sleep(0.05)
-            out, err = proc.communicate(timeout=30)
+
+            async def renewed() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                row = await engine.storage.load(run.id)
+                assert row is not None and row.lease_until is not None
+                return row.lease_until.timestamp() >= clock() + LEASE - 0.001
+
+            recovered: list[Any] = []
+
+            async def poll() -> None:
+                found = await engine.storage.find_recoverable(NAMES, 100)
+                # Recovering a found run would block this loop in its step b until the
+                # deadline: note what would be taken instead. Else (the clock stands still
+                # meanwhile) recover() runs and must take nothing.
+                recovered.extend(found or await engine.recover())
+
+            polls = await three_leases_pass(clock, renewed, poll)
+            release.touch()
+            out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
             assert json.loads(out) == {"statuses": ["completed"]}
-            assert polls >= 10  # recover() really ran while the step was blocking
+            assert polls == ADVANCES + 1  # recover() really ran while the step was blocking
             assert recovered == []
             state = await engine.get(run.id)
             assert state is not None
             assert state.status == WorkflowStatus.COMPLETED
             assert counts(paths, run.id) == dict.fromkeys("abcd", 1)
     finally:
+        release.touch()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
 
 
-def _poll_in_thread(
-    db: str, stop: threading.Event, *, recover: bool, seen: list[Any], polls: list[int]
+def _count_renewals(
+    engine: FluxEngine, monkeypatch: pytest.MonkeyPatch, *, renew: bool
+) -> list[int]:
+    """Count the lease keeper's renewal rounds; with ``renew=False`` they renew nothing."""
+    rounds = [0]
+    renew_now = engine._keeper.renew_now
+
+    def counted() -> None:
+        if renew:
+            renew_now()
+        rounds[0] += 1
+
+    monkeypatch.setattr(engine._keeper, "renew_now", counted)
+    return rounds
+
+
+def _other_engine_while_b_blocks(
+    p: Paths,
+    clock: FileClock,
+    rounds: list[int],
+    release: Path,
+    *,
+    recover: bool,
+    seen: list[Any],
+    polls: list[int],
+    errors: list[BaseException],
 ) -> threading.Thread:
-    """Another engine (own store, own event loop, own thread) polling the same SQLite file."""
+    """Another engine (own store, own event loop, own thread) on the same SQLite file and
+    clock: once step b blocks the test's loop, three leases pass while it polls; then b is
+    released. Each move of the clock waits for two keeper rounds, so one ran wholly after
+    the previous move (renewing at the current time, when renewals are on)."""
 
     async def main() -> None:
-        async with make_engine(db) as other:
-            while not stop.is_set():
-                if recover:
-                    seen.extend(await other.recover())
-                else:
-                    seen.extend(r.id for r in await other.storage.find_recoverable(NAMES, 100))
-                polls[0] += 1
-                await asyncio.sleep(0.05)
+        try:
+            async with make_engine(p.db, clock=clock) as other:
+
+                async def renewed() -> bool:
+                    start = rounds[0]
+                    await until("two lease keeper rounds", lambda: rounds[0] >= start + 2)
+                    return True
+
+                async def poll() -> None:
+                    found = await other.storage.find_recoverable(NAMES, 100)
+                    if found or not recover:
+                        # Recovering a found run would block this loop in its step b until
+                        # the deadline: note what would be taken instead.
+                        seen.extend(r.id for r in found)
+                    else:
+                        # The clock stands still meanwhile: recover() runs and takes nothing.
+                        seen.extend(await other.recover())
+                    polls[0] += 1
+
+                await until("step b to block", ran(p, "b"))
+                await three_leases_pass(clock, renewed, poll)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            release.touch()
 
     thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
     thread.start()
     return thread
 
 
-async def test_blocking_step_keeps_its_lease_against_another_engine(paths: Paths) -> None:
-    stop = threading.Event()
-    recovered: list[Any] = []
+async def _execute_while_three_leases_pass(
+    p: Paths, monkeypatch: pytest.MonkeyPatch, *, renew: bool, recover: bool, seen: list[Any]
+) -> tuple[Any, int]:
+    clock = FileClock.start(str(p.tmp / "clock"))
+    release = p.tmp / "release-b"
     polls = [0]
-    engine = make_engine(paths.db)
+    errors: list[BaseException] = []
+    engine = make_engine(p.db, clock=clock)
     await engine.init()
-    thread = _poll_in_thread(paths.db, stop, recover=True, seen=recovered, polls=polls)
+    rounds = _count_renewals(engine, monkeypatch, renew=renew)
+    thread = _other_engine_while_b_blocks(
+        p, clock, rounds, release, recover=recover, seen=seen, polls=polls, errors=errors
+    )
     try:
-        result = await engine.execute(
-            saga, saga_input(paths, block={"at": "b", "seconds": LEASE * 3})
-        )
+        result = await engine.execute(saga, saga_input(p, block={"at": "b", "until": str(release)}))
     finally:
-        stop.set()
-        thread.join(timeout=30)
+        release.touch()
+        thread.join(timeout=60)
         await engine.close()
     assert not thread.is_alive()
-    assert polls[0] >= 5
+    assert errors == []
+    return result, polls[0]
+
+
+async def test_blocking_step_keeps_its_lease_against_another_engine(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recovered: list[Any] = []
+    result, polls = await _execute_while_three_leases_pass(
+        paths, monkeypatch, renew=True, recover=True, seen=recovered
+    )
+    assert polls == ADVANCES + 1  # recover() really ran while the step was blocking
     assert recovered == []
     assert result.status == WorkflowStatus.COMPLETED
     assert counts(paths, result.id) == dict.fromkeys("abcd", 1)
@@ -352,22 +474,39 @@ async def test_without_renewal_the_blocked_run_would_be_taken(
     paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Control for the test above: it fails if the lease is not renewed during the block."""
-    stop = threading.Event()
     seen: list[Any] = []
-    polls = [0]
-    engine = make_engine(paths.db)
-    await engine.init()
-    monkeypatch.setattr(engine._keeper, "renew_now", lambda: None)
-    thread = _poll_in_thread(paths.db, stop, recover=False, seen=seen, polls=polls)
-    try:
-        result = await engine.execute(
-            saga, saga_input(paths, block={"at": "b", "seconds": LEASE * 3})
-        )
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        await engine.close()
+    result, _ = await _execute_while_three_leases_pass(
+        paths, monkeypatch, renew=False, recover=False, seen=seen
+    )
     assert result.id in seen
+
+
+def _poll_in_thread(
+    db: str,
+    stop: threading.Event,
+    *,
+    recover: bool,
+    seen: list[Any],
+    polls: list[int],
+    start_when: Callable[[], bool] = lambda: True,
+) -> threading.Thread:
+    """Another engine (own store, own event loop, own thread) polling the same SQLite file,
+    from when ``start_when()`` holds."""
+
+    async def main() -> None:
+        async with make_engine(db) as other:
+            while not stop.is_set():
+                if start_when():
+                    if recover:
+                        seen.extend(await other.recover())
+                    else:
+                        seen.extend(r.id for r in await other.storage.find_recoverable(NAMES, 100))
+                    polls[0] += 1
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    return thread
 
 
 # -- the crash-loop cap ------------------------------------------------------------------------
@@ -417,13 +556,16 @@ async def test_recover_drops_a_run_it_lost_to_another_engine(
     paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A recovering engine that loses its lease (here: its renewals are switched off while a
-    step blocks its loop) gives the run up quietly; the new owner finishes it."""
+    step blocks its loop) gives the run up quietly; the new owner finishes it.
+
+    The other engine starts polling only once this one is inside b (so this one claims the
+    run first), and b blocks until the other engine ran it too (so it took the run over)."""
     child = run_child(
         paths,
         action="execute",
         flow="saga",
         input=saga_input(
-            paths, crash=crash_once(paths, "a", "exit"), block={"at": "b", "seconds": LEASE * 3}
+            paths, crash=crash_once(paths, "a", "exit"), block={"at": "b", "until_count": 2}
         ),
     )
     assert child.returncode == 1, child.stderr
@@ -435,7 +577,9 @@ async def test_recover_drops_a_run_it_lost_to_another_engine(
     stop = threading.Event()
     taken: list[Any] = []
     polls = [0]
-    thread = _poll_in_thread(paths.db, stop, recover=True, seen=taken, polls=polls)
+    thread = _poll_in_thread(
+        paths.db, stop, recover=True, seen=taken, polls=polls, start_when=ran(paths, "b")
+    )
     try:
         results = await engine.recover()
         # The other engine took the run over while this one was blocked; wait for it to end.

@@ -17,6 +17,7 @@ import fluxrun._driver
 from fluxrun import (
     FluxEngine,
     FluxResult,
+    FluxTraceEvent,
     InvalidInputError,
     NonRetryableError,
     RetryPolicy,
@@ -595,13 +596,35 @@ async def test_engine_default_timeout_and_timedelta_timeouts(engine_factory: Eng
     assert isinstance(by_timedelta.error, StepTimeoutError)
 
 
-async def test_a_sync_handler_late_result_is_discarded(engine: FluxEngine) -> None:
+async def test_a_sync_handler_late_result_is_discarded(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step timeouts run on the event loop's clock. Here it stands still but for one jump
+    # past the timeout once the first attempt runs: that attempt times out, the second
+    # never does, however long a busy machine takes to run it in a thread.
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+
+    def jump() -> None:  # on the loop, so after the attempt's timeout was armed
+        now[0] += 1.0
+
     release = threading.Event()
     finished = threading.Event()
 
+    class ReleaseOnRetry:
+        """Lets the first attempt's thread return once its timeout was reported."""
+
+        def emit(self, event: FluxTraceEvent) -> None:
+            if event.type == "step:retry":
+                release.set()
+
+    engine = await engine_factory(trace=ReleaseOnRetry())
+
     def blocking(ctx: WorkflowContext) -> str:
         if ctx.attempt == 1:
-            release.wait(5)
+            loop.call_soon_threadsafe(jump)
+            release.wait(60)
             ctx.data["late"] = True
             ctx.data["n"] = 1
             finished.set()
@@ -614,9 +637,8 @@ async def test_a_sync_handler_late_result_is_discarded(engine: FluxEngine) -> No
     assert result.status == WorkflowStatus.COMPLETED
     assert result.history[0].retries == 1
     assert result.data == {"n": 2}
-    # Now the first attempt finishes, too late: its writes and result land nowhere.
-    release.set()
-    assert await asyncio.to_thread(finished.wait, 5)
+    # The first attempt ran to its end, too late: its writes and result landed nowhere.
+    assert await asyncio.to_thread(finished.wait, 60)
     state = await engine.get(result.id)
     assert state is not None
     assert state.status == WorkflowStatus.COMPLETED

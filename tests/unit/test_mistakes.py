@@ -49,7 +49,19 @@ async def owner_of(store: Store, run_id: str) -> str | None:
 # -- one attempt at a time --------------------------------------------------------------------
 
 
-async def test_next_attempt_waits_for_the_timed_out_thread(engine: FluxEngine) -> None:
+async def test_next_attempt_waits_for_the_timed_out_thread(
+    engine: FluxEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step timeouts run on the event loop's clock. Here it stands still but for one jump
+    # past the timeout once the first attempt runs: that attempt times out, the second
+    # never does, however long a busy machine takes to run it in a thread.
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+
+    def jump() -> None:  # on the loop, so after the attempt's timeout was armed
+        now[0] += 1.0
+
     running = threading.Event()
     overlaps: list[bool] = []
     attempts: list[int] = []
@@ -60,7 +72,8 @@ async def test_next_attempt_waits_for_the_timed_out_thread(engine: FluxEngine) -
         running.set()
         try:
             if ctx.attempt == 1:
-                time.sleep(0.5)  # far past the timeout: the attempt times out
+                loop.call_soon_threadsafe(jump)  # the attempt times out
+                time.sleep(0.5)  # and runs on: a second attempt now would overlap it
         finally:
             running.clear()
 
