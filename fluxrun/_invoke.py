@@ -128,32 +128,54 @@ class Attempt:
         )
 
 
+def _check_slice(attempt: Attempt, timeout: float | None, t0: float) -> None:
+    """Warn if a slice of an async handler held the event loop since ``t0`` for too long."""
+    held = time.perf_counter() - t0
+    if held > BLOCKING_WARN_SECONDS:
+        extra = ""
+        if timeout is not None and held > timeout:
+            extra = f" (longer than its {timeout:g}s timeout, which cannot interrupt it)"
+        attempt.warn(
+            f"{attempt.label} blocked the event loop for {held:.1f}s{extra}; use await "
+            "(asyncio.sleep, async I/O) or a sync def handler, which runs in a thread"
+        )
+
+
+_NOT_STARTED: Any = object()
+
+
 class _Timed:
-    """Awaits a coroutine, timing each slice it runs without yielding to the event loop."""
+    """Awaits a coroutine, timing each slice it runs without yielding to the event loop.
 
-    __slots__ = ("_attempt", "_coro", "_timeout")
+    ``first`` is what the coroutine yielded from a first slice already run by the caller
+    (see :func:`call_handler`), or :data:`_NOT_STARTED`.
+    """
 
-    def __init__(self, coro: Any, attempt: Attempt, timeout: float | None) -> None:
+    __slots__ = ("_attempt", "_coro", "_first", "_timeout")
+
+    def __init__(
+        self, coro: Any, attempt: Attempt, timeout: float | None, first: Any = None
+    ) -> None:
         self._coro = coro
         self._attempt = attempt
         self._timeout = timeout
+        self._first = first
 
     def _check(self, t0: float) -> None:
-        held = time.perf_counter() - t0
-        if held > BLOCKING_WARN_SECONDS:
-            extra = ""
-            if self._timeout is not None and held > self._timeout:
-                extra = f" (longer than its {self._timeout:g}s timeout, which cannot interrupt it)"
-            self._attempt.warn(
-                f"{self._attempt.label} blocked the event loop for {held:.1f}s{extra}; "
-                "use await (asyncio.sleep, async I/O) or a sync def handler, which runs in a "
-                "thread"
-            )
+        _check_slice(self._attempt, self._timeout, t0)
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self._coro
         value: Any = None
         error: BaseException | None = None
+        if self._first is not _NOT_STARTED:
+            try:
+                value = yield self._first
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                value, error = None, exc
         while True:
             t0 = time.perf_counter()
             try:
@@ -212,9 +234,26 @@ async def call_handler(
     made: list[WaitMarker] = []
     token = MADE_WAITS.set(made)
     try:
-        if fn_is_async:
-            timed = _Timed(fn(ctx), attempt, timeout)
-            result = await (timed if timeout is None else _limited(timed, timeout, attempt))
+        if fn_is_async and timeout is None:
+            # The first slice runs right here: most handlers finish in it, and then no
+            # wrapper is needed (this runs for every step).
+            coro = fn(ctx)
+            t0 = time.perf_counter()
+            try:
+                first = coro.send(None)
+            except StopIteration as stop:
+                _check_slice(attempt, None, t0)
+                result = stop.value
+            except BaseException:
+                _check_slice(attempt, None, t0)
+                raise
+            else:
+                _check_slice(attempt, None, t0)
+                result = await _Timed(coro, attempt, None, first)
+        elif fn_is_async:
+            assert timeout is not None
+            timed = _Timed(fn(ctx), attempt, timeout, _NOT_STARTED)
+            result = await _limited(timed, timeout, attempt)
         else:
             result = await _call_sync(fn, ctx, timeout, attempt, executor)
         if result is not None and inspect.isawaitable(result):

@@ -8,6 +8,7 @@ import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError
 from ._base import (
@@ -26,9 +27,9 @@ from ._base import (
     Store,
     Transition,
     check_request_kind,
-    check_transition,
     delete_busy_error,
     stronger_request,
+    transition_error,
 )
 from ._limits import (
     check_new_run,
@@ -59,15 +60,36 @@ _PATCHED = (
 class _Run:
     """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
 
-    __slots__ = ("attempts", "input_hash", "row", "seq", "signals", "steps")
+    __slots__ = ("_patch", "_row", "attempts", "input_hash", "seq", "signals", "steps")
 
     def __init__(self, row: RunRow, seq: int, input_hash: str | None = None) -> None:
-        self.row = row
+        self._row = row
+        # Changes not yet copied into _row: a step commit only records what it changes, and
+        # the (wide) row is rebuilt once, when someone reads it.
+        self._patch: dict[str, object] = {}
         self.seq = seq
         self.steps: dict[int, object] = {}
         self.attempts: list[AttemptRow] = []
         self.signals: list[SignalRow] = []  # seq n is at index n - 1
         self.input_hash = input_hash
+
+    @property
+    def row(self) -> RunRow:
+        """The run as stored now."""
+        if self._patch:
+            self._row = _replace(self._row, **self._patch)
+            self._patch = {}
+        return self._row
+
+    @row.setter
+    def row(self, value: RunRow) -> None:
+        self._row = value
+        self._patch = {}
+
+    def col(self, name: str) -> Any:
+        """One column of the run as stored now, without rebuilding the row."""
+        patch = self._patch
+        return patch[name] if name in patch else getattr(self._row, name)
 
     def due(self, now: dt.datetime) -> bool:
         """Whether :meth:`Store.claim_due` takes this run now (its name aside)."""
@@ -181,9 +203,21 @@ class MemoryStorage(Store):
                 raise ConcurrentModificationError(
                     f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
                 )
-            row = entry.row
+            col = entry.col
             now = self._now()
-            check_transition(row, t, now)
+            version = col("version")
+            error = transition_error(
+                t.run_id,
+                col("name"),
+                version,
+                col("fence"),
+                col("owner"),
+                col("lease_until"),
+                t,
+                now,
+            )
+            if error is not None:
+                raise error
             steps = entry.steps
 
             # The parts apply in order (delete, insert, update), as in the SQL stores: judge
@@ -207,8 +241,9 @@ class MemoryStorage(Store):
                     f"step {updated} of run {t.run_id!r} has no recorded outcome",
                     workflow_id=t.run_id,
                 )
-            changes: dict[str, object] = {"version": row.version + 1, "updated_at": t.updated_at}
-            fence, owner, lease, claims = row.fence, row.owner, row.lease_until, row.claims
+            changes: dict[str, object] = {"version": version + 1, "updated_at": t.updated_at}
+            fence, owner = col("fence"), col("owner")
+            lease, claims = col("lease_until"), col("claims")
             if t.claim is not None:
                 fence += 1
                 owner = t.claim.owner
@@ -249,8 +284,8 @@ class MemoryStorage(Store):
                 steps[t.update_step.index] = t.update_step
             for attempt in t.attempts:
                 entry.attempts.append(dataclasses.replace(attempt, seq=len(entry.attempts) + 1))
-            entry.row = _replace(row, **changes)
-            return Applied(version=row.version + 1, fence=fence)
+            entry._patch.update(changes)
+            return Applied(version=version + 1, fence=fence)
 
     async def load(self, run_id: str) -> RunRow | None:
         """The run with its step rows, or None."""
