@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import datetime as dt
+import math
 import os
 import time
 import uuid
@@ -217,6 +218,15 @@ class FluxEngine:
         continues them at once; their callers get :class:`EngineClosedError`. Sync steps
         still queued for a thread do not start.
         """
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise InvalidArgumentError(
+                f"close timeout must be a finite number of seconds >= 0, got {timeout!r}"
+            )
         if self._closed or self._closing:
             return
         self._closing = True

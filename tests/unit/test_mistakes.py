@@ -433,3 +433,30 @@ def test_a_failing_hook_is_visible_without_any_logging_setup() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "completed"  # the hook never changes the outcome
     assert "hook step_complete failed" in done.stderr and "hook bug" in done.stderr
+
+
+# -- bad input to the new entry points -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [-1, float("nan"), "60", True])
+def test_a_bad_sync_timeout_grace_is_refused(grace: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        FluxEngine(sync_timeout_grace=grace)
+
+
+async def test_bad_arguments_to_the_operator_actions(engine: FluxEngine) -> None:
+    flow = create_workflow("ops").step("a", lambda ctx: None)
+    run = await engine.execute(flow)
+    for bad in (None, 1, "", "x\x00"):
+        with pytest.raises(InvalidArgumentError):
+            await engine.attempts(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            await engine.skip_compensation(flow, run.id, "a", note=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            await engine.skip_compensation(flow, run.id, bad, note="n")  # type: ignore[arg-type]
+    state = await engine.get(run.id)
+    assert state is not None and state.status is WorkflowStatus.COMPLETED
+    assert [a.status for a in await engine.attempts(run.id)] == [StepStatus.COMPLETED]
+    for timeout in (-1, float("inf"), "10", None):
+        with pytest.raises(InvalidArgumentError):
+            await engine.close(timeout=timeout)  # type: ignore[arg-type]
