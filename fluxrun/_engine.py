@@ -15,7 +15,7 @@ from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
 from ._codec import DEFAULT_MAX_SIZE, decode, encode
-from ._definition import WorkflowBuilder, WorkflowDefinition
+from ._definition import WorkflowDefinition
 from ._lease import LeaseKeeper
 from ._options import hooks_from, naming, sinks_from, text_arg
 from ._records import (
@@ -27,6 +27,7 @@ from ._records import (
     WorkflowStatus,
 )
 from ._recovery import recover_runs
+from ._registry import FlowLike, Registry
 from ._retry import RetryPolicy, seconds
 from ._runner import RunDriver, Settings, utcnow
 from ._state import to_state
@@ -38,7 +39,6 @@ from .errors import (
     InvalidArgumentError,
     InvalidStateError,
     RunBusyError,
-    UnknownWorkflowError,
     WorkflowDefinitionChangedError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
@@ -49,8 +49,7 @@ from .storage.memory import MemoryStorage
 
 __all__ = ["FlowLike", "FluxEngine"]
 
-FlowLike = WorkflowBuilder | WorkflowDefinition | str | Any
-"""A builder, a ``Workflow``, a definition, or the name of a registered workflow."""
+
 
 _NO_TIMEOUT_RETRY = RetryPolicy()
 _MAX_LEASE = 7 * 86400.0
@@ -144,7 +143,7 @@ class FluxEngine:
         self._keeper = LeaseKeeper(
             self._store, owner=self.owner, lease_seconds=lease_seconds, log=self.emitter.log
         )
-        self._registry: dict[str, WorkflowDefinition] = {}
+        self._registry = Registry()
         self._max_recoveries = max_recoveries
         self._recover_on_start = bool(recover_on_start)
         self._ready = False
@@ -267,44 +266,13 @@ class FluxEngine:
         Raises:
             DefinitionError: another definition is registered under the same name.
         """
-        definition = self._definition(flow)
-        existing = self._registry.get(definition.name)
-        if existing is not None and existing is not definition:
-            if existing.step_names != definition.step_names or (
-                existing.version != definition.version
-            ):
-                raise DefinitionError(
-                    f"a different workflow named {definition.name!r} is already registered",
-                    workflow_name=definition.name,
-                )
-        self._registry[definition.name] = definition
-        return definition
+        return self._registry.register(flow)
 
     def _definition(self, flow: FlowLike) -> WorkflowDefinition:
-        if isinstance(flow, WorkflowDefinition):
-            return flow
-        if isinstance(flow, str):
-            found = self._registry.get(flow)
-            if found is None:
-                known = ", ".join(sorted(self._registry)) or "none"
-                raise UnknownWorkflowError(
-                    f"no workflow named {flow!r} is registered (registered: {known})",
-                    workflow_name=flow,
-                )
-            return found
-        build = getattr(flow, "build", None)
-        if callable(build):
-            definition = build()
-            if isinstance(definition, WorkflowDefinition):
-                return definition
-        raise InvalidArgumentError(
-            "expected a workflow (builder, Workflow, WorkflowDefinition or registered name), "
-            f"got {type(flow).__name__}"
-        )
+        return self._registry.resolve(flow)
 
     def _spec_for(self, name: str) -> Any:
-        definition = self._registry.get(name)
-        return None if definition is None else definition.input_spec
+        return self._registry.input_spec(name)
 
     def _driver(self, definition: WorkflowDefinition, **kw: Any) -> RunDriver:
         """A driver for a run this engine has just created."""

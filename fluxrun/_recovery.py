@@ -26,7 +26,7 @@ async def recover_runs(engine: FluxEngine, concurrency: int) -> list[FluxResult]
     gate = asyncio.Semaphore(concurrency)
     seen: set[str] = set()
     while True:
-        names = sorted(engine._registry)
+        names = engine._registry.names
         # Runs seen already (left alone because their workflow changed, or finished)
         # may come back first: widen the window so the ones behind them are reached.
         window = 200 + len(seen)

@@ -1,0 +1,87 @@
+"""The workflows an engine knows: registered by name, and resolved from whatever a call got.
+
+Every public method that takes a workflow accepts a builder, a ``Workflow``, a definition,
+or the name of a registered one; :meth:`Registry.resolve` turns each into the definition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._definition import WorkflowBuilder, WorkflowDefinition
+from .errors import DefinitionError, InvalidArgumentError, UnknownWorkflowError
+
+__all__ = ["FlowLike", "Registry"]
+
+FlowLike = WorkflowBuilder | WorkflowDefinition | str | Any
+"""A builder, a ``Workflow``, a definition, or the name of a registered workflow."""
+
+
+class Registry:
+    """Workflow definitions by name (one per name for now; versions side by side later)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, WorkflowDefinition] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> WorkflowDefinition:
+        return self._by_name[name]
+
+    @property
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._by_name)
+
+    def register(self, flow: FlowLike) -> WorkflowDefinition:
+        """Register a workflow under its name.
+
+        Raises:
+            DefinitionError: another definition is registered under the same name.
+        """
+        definition = self.resolve(flow)
+        existing = self._by_name.get(definition.name)
+        if existing is not None and existing is not definition:
+            if existing.step_names != definition.step_names or (
+                existing.version != definition.version
+            ):
+                raise DefinitionError(
+                    f"a different workflow named {definition.name!r} is already registered",
+                    workflow_name=definition.name,
+                )
+        self._by_name[definition.name] = definition
+        return definition
+
+    def resolve(self, flow: FlowLike) -> WorkflowDefinition:
+        """The definition a call's ``flow`` argument stands for.
+
+        Raises:
+            UnknownWorkflowError: a name that is not registered.
+            InvalidArgumentError: not a workflow at all.
+        """
+        if isinstance(flow, WorkflowDefinition):
+            return flow
+        if isinstance(flow, str):
+            found = self._by_name.get(flow)
+            if found is None:
+                known = ", ".join(self.names) or "none"
+                raise UnknownWorkflowError(
+                    f"no workflow named {flow!r} is registered (registered: {known})",
+                    workflow_name=flow,
+                )
+            return found
+        build = getattr(flow, "build", None)
+        if callable(build):
+            definition = build()
+            if isinstance(definition, WorkflowDefinition):
+                return definition
+        raise InvalidArgumentError(
+            "expected a workflow (builder, Workflow, WorkflowDefinition or registered name), "
+            f"got {type(flow).__name__}"
+        )
+
+    def input_spec(self, name: str) -> Any:
+        """The input spec of the registered workflow ``name`` (None if none or unknown)."""
+        definition = self._by_name.get(name)
+        return None if definition is None else definition.input_spec
