@@ -18,6 +18,7 @@ from ._codec import DEFAULT_MAX_SIZE, decode, encode
 from ._definition import WorkflowDefinition
 from ._lease import LeaseKeeper
 from ._options import hooks_from, naming, sinks_from, text_arg
+from ._owner import new_owner_id
 from ._records import (
     TERMINAL_STATUSES,
     FluxResult,
@@ -127,7 +128,7 @@ class FluxEngine:
             )
         self._store = self._make_store(storage)
         self.emitter = Emitter(sinks=sinks_from(trace), hooks=hooks_from(on), logger=logger)
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.owner = new_owner_id()
         self._executor: ThreadPoolExecutor | None = None
         self.settings = Settings(
             owner=self.owner,

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
+from .._owner import is_dead_local_owner
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
@@ -427,6 +428,7 @@ class SQLiteStorage(Store):
         def read(conn: sqlite3.Connection) -> list[RunRow]:
             if not names:
                 return []
+            self._expire_dead_owners(conn)
             sql = (
                 "SELECT " + RUN_SELECT + " FROM flux_runs WHERE "
                 "name IN (" + ",".join("?" * len(names)) + ") AND "
@@ -440,6 +442,30 @@ class SQLiteStorage(Store):
             return [run_row(r) for r in rows]
 
         return await self._run(read, "find_recoverable")
+
+    def _expire_dead_owners(self, conn: sqlite3.Connection) -> None:
+        """End now the leases of owners that were processes of this machine and are gone.
+
+        Every process sharing the file runs on this host, so a killed owner is recognised by
+        its process (see :mod:`fluxrun._owner`) and its runs continue at once rather than
+        after their lease; owners it cannot judge keep their lease.
+        """
+        now = self._now_us()
+        owners = conn.execute(
+            "SELECT DISTINCT owner FROM flux_runs WHERE lease_until > ? AND owner IS NOT NULL",
+            (now,),
+        ).fetchall()
+        dead = [o for (o,) in owners if is_dead_local_owner(o)]
+        if not dead:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE flux_runs SET lease_until = ? WHERE lease_until > ? AND owner IN ("
+            + ",".join("?" * len(dead))
+            + ")",
+            (now, now, *dead),
+        )
+        conn.execute("COMMIT")
 
     def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
         """Extend ``owner``'s leases in one transaction; report the runs it lost and the
@@ -501,6 +527,7 @@ class SQLiteStorage(Store):
         def claim(conn: sqlite3.Connection) -> list[RunRow]:
             if not names or not limit:
                 return []
+            self._expire_dead_owners(conn)
             now = self._now_us()
             until = self._lease_until(now, lease_seconds)
             return _q.claim_due(conn, owner, names, limit, now, until)

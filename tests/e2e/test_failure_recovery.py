@@ -7,6 +7,7 @@ Uses the child program and flows of ``test_recovery.py``: children are killed fo
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -73,3 +74,50 @@ async def test_a_rollback_that_progresses_between_crashes_is_finished(paths: Pat
             "undo_b": 2,
             "undo_a": 2,
         }
+
+
+async def test_the_runs_of_a_killed_process_are_recovered_without_waiting_for_the_lease(
+    paths: Paths,
+) -> None:
+    """On SQLite every process is on one host: a dead owner is recognised by its process."""
+    long_lease = 3600.0
+    child = run_child(
+        paths,
+        action="execute",
+        flow="saga",
+        input=saga_input(paths, crash=crash_once(paths, "c", "kill")),
+        lease=long_lease,
+    )
+    assert child.returncode == -9, child.stderr
+    async with make_engine(paths.db) as engine:
+        run = await only_run(engine)
+        row = await engine.storage.load(run.id)
+        assert row is not None and row.owner is not None and row.lease_until is not None
+        assert (row.lease_until - row.updated_at).total_seconds() > long_lease / 2  # not expired
+        results = await engine.recover()
+        assert [(r.id, r.status) for r in results] == [(run.id, WorkflowStatus.COMPLETED)]
+        assert counts(paths, run.id) == {"a": 1, "b": 1, "c": 2, "d": 1}
+
+
+async def test_a_live_process_keeps_its_runs(paths: Paths) -> None:
+    """The other side: an owner that is alive (this process) is never judged dead."""
+    from fluxrun import FluxEngine, SQLiteStorage, create_workflow
+
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(ctx: object) -> None:
+        started.set()
+        await release.wait()
+
+    flow = create_workflow("held").step("hold", hold)
+    async with (
+        FluxEngine(storage=SQLiteStorage(paths.db), lease=3600) as owner,
+        FluxEngine(storage=SQLiteStorage(paths.db), lease=3600) as other,
+    ):
+        other.register(flow)
+        task = asyncio.ensure_future(owner.execute(flow))
+        await started.wait()
+        assert await other.recover() == []
+        release.set()
+        assert (await task).status is WorkflowStatus.COMPLETED
