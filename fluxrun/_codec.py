@@ -172,13 +172,29 @@ def _plain_dict(v: dict[Any, Any], depth: int) -> Any:
     return out
 
 
+def _clock(tag: str, v: dt.datetime | dt.time) -> dict[str, Any]:
+    offset = v.utcoffset()
+    if offset is not None and offset.microseconds:
+        # fromisoformat drops the sub-second part of an offset: keep such an offset apart.
+        micros = offset // dt.timedelta(microseconds=1)
+        return {_TAG: tag, "v": v.replace(tzinfo=None).isoformat(), "o": micros}
+    return {_TAG: tag, "v": v.isoformat()}
+
+
+def _with_offset(value: Any, d: dict[str, Any]) -> Any:
+    micros = d.get("o")
+    if micros is None:
+        return value
+    return value.replace(tzinfo=dt.timezone(dt.timedelta(microseconds=micros)))
+
+
 def _plain_object(v: Any, depth: int) -> Any:
     if isinstance(v, dt.datetime):
-        return {_TAG: "datetime", "v": v.isoformat()}
+        return _clock("datetime", v)
     if isinstance(v, dt.date):
         return {_TAG: "date", "v": v.isoformat()}
     if isinstance(v, dt.time):
-        return {_TAG: "time", "v": v.isoformat()}
+        return _clock("time", v)
     if isinstance(v, dt.timedelta):
         return {_TAG: "timedelta", "v": [v.days, v.seconds, v.microseconds]}
     if isinstance(v, uuid.UUID):
@@ -276,11 +292,11 @@ def _revive(d: dict[str, Any]) -> Any:
     if tag == "float":
         return float(v)  # type: ignore[arg-type]
     if tag == "datetime":
-        return dt.datetime.fromisoformat(v)  # type: ignore[arg-type]
+        return _with_offset(dt.datetime.fromisoformat(v), d)  # type: ignore[arg-type]
     if tag == "date":
         return dt.date.fromisoformat(v)  # type: ignore[arg-type]
     if tag == "time":
-        return dt.time.fromisoformat(v)  # type: ignore[arg-type]
+        return _with_offset(dt.time.fromisoformat(v), d)  # type: ignore[arg-type]
     if tag == "timedelta":
         days, seconds, micros = v  # type: ignore[misc]
         return dt.timedelta(days=days, seconds=seconds, microseconds=micros)

@@ -362,7 +362,7 @@ class DriverBase:
         *,
         compensating: bool = False,
     ) -> tuple[Any, str | None, WorkflowContext, int, float]:
-        """Run ``fn`` with the step's retries.
+        """Run the step's handler (or its compensation) with the step's retries.
 
         Returns:
             (result, changes to ``ctx.data``, the context, attempts made, when the last
