@@ -6,7 +6,8 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
-from ._context import Flux, WaitMarker, WorkflowContext, wait
+from ._context import Flux, SleepMarker, WaitMarker, WorkflowContext, sleep, sleep_until, wait
+from ._control import RunHandle
 from ._definition import (
     StepDefinition,
     StepDescriptor,
@@ -38,6 +39,7 @@ from .errors import (
     EmptyWorkflowError,
     EngineClosedError,
     FluxError,
+    IdempotencyConflictError,
     InvalidArgumentError,
     InvalidInputError,
     InvalidStateError,
@@ -52,6 +54,7 @@ from .errors import (
     StepTimeoutError,
     StorageError,
     UnknownWorkflowError,
+    WaitTimeoutError,
     WorkflowDefinitionChangedError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
@@ -91,6 +94,7 @@ __all__ = [
     "FluxResult",
     "FluxTraceEvent",
     "FluxTraceSink",
+    "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidInputError",
     "InvalidStateError",
@@ -102,10 +106,12 @@ __all__ = [
     "PostgresStorage",
     "RetryPolicy",
     "RunBusyError",
+    "RunHandle",
     "SQLiteStorage",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",
+    "SleepMarker",
     "StepAttempt",
     "StepDefinition",
     "StepDescriptor",
@@ -117,6 +123,7 @@ __all__ = [
     "SyncFluxEngine",
     "UnknownWorkflowError",
     "WaitMarker",
+    "WaitTimeoutError",
     "Workflow",
     "WorkflowBuilder",
     "WorkflowContext",
@@ -132,6 +139,8 @@ __all__ = [
     "WorkflowStorage",
     "__version__",
     "create_workflow",
+    "sleep",
+    "sleep_until",
     "wait",
 ]
 

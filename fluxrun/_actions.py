@@ -1,36 +1,37 @@
 """Actions on a stored run: signal, resume (with its guard rails), skip a compensation, and
 read its attempts. ``FluxEngine`` exposes them; each claims the run with one guarded write
-and hands it to a driver.
+(built by :mod:`fluxrun._machine`) and hands it to a driver through the :class:`Runtime`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._codec import decode, encode
+from ._codec import encode
 from ._definition import WorkflowDefinition
 from ._driver import final_attempt, rollback_data
+from ._machine import claim_transition, failed_index, start_index, waiting_row
 from ._records import FluxResult, StepAttempt, StepStatus, WorkflowStatus
 from ._runner import claim_for, utcnow
+from ._runtime import Runtime
 from ._state import replay_data
 from .errors import (
-    CommittedStepError,
-    ConcurrentModificationError,
     InvalidStateError,
-    InvalidStepIndexError,
     SignalMismatchError,
     StepNotFoundError,
     WorkflowNotFoundError,
-    WorkflowNotSuspendedError,
 )
-from .storage._base import AttemptRow, RunRow, StepRow, Transition
+from .storage._base import AttemptRow, RunRow, StepRow
 
-if TYPE_CHECKING:
-    from ._engine import FluxEngine
-
-__all__ = ["list_attempts", "resume_run", "signal_run", "skip_compensation"]
+__all__ = [
+    "continue_rollback",
+    "list_attempts",
+    "resume_run",
+    "signal_run",
+    "skip_compensation",
+]
 
 _COMPLETED = StepStatus.COMPLETED.value
 _COMPENSATING = StepStatus.COMPENSATING.value
@@ -39,93 +40,31 @@ _UNDONE = (_COMPENSATED, _COMPENSATING)
 
 
 async def signal_run(
-    engine: FluxEngine, definition: WorkflowDefinition, run_id: str, name: str, payload: Any
+    rt: Runtime, definition: WorkflowDefinition, row: RunRow, name: str, payload: Any
 ) -> FluxResult:
-    """Complete the waiting step of a suspended run with ``payload`` and continue it."""
-    started = time.perf_counter()
+    """Rule 10: deliver ``name`` to a run waiting for it, and return the continued result.
+
+    The signal goes through the run's inbox (so it is never lost and consumed once), then
+    the run is driven here at once (or, if another executor got to it first, waited for).
+    """
     payload_text = encode(
-        payload, what=f"payload of signal {name!r}", max_size=engine.settings.max_value_size
+        payload, what=f"payload of signal {name!r}", max_size=rt.settings.max_value_size
     )
-    row = await engine._load_for(definition, run_id)
-    if row is None:
-        raise WorkflowNotFoundError(
-            f"Workflow not found: {run_id}", workflow_id=run_id, workflow_name=definition.name
-        )
-    waiting = _waiting_row(row)
+    waiting = waiting_row(row)
     if waiting.waiting_for != name:
         raise SignalMismatchError(
             f"Workflow waiting for signal {waiting.waiting_for!r}, received {name!r}",
-            workflow_id=run_id,
+            workflow_id=row.id,
             workflow_name=definition.name,
             step=waiting.name,
             details={"expected": waiting.waiting_for, "received": name},
         )
-    done = replace(
-        waiting, status=_COMPLETED, completed_at=utcnow(), output=payload_text, fence=row.fence + 1
-    )
-    try:
-        applied = await engine.storage.apply(
-            Transition(
-                run_id=run_id,
-                expected_version=row.version,
-                updated_at=utcnow(),
-                claim=claim_for(engine.settings),
-                status=WorkflowStatus.RUNNING.value,
-                wait_name=None,
-                update_step=done,
-            )
-        )
-    except ConcurrentModificationError:
-        fresh = await engine.storage.load(run_id)
-        if fresh is not None and fresh.status != WorkflowStatus.SUSPENDED.value:
-            raise WorkflowNotSuspendedError(
-                f"Workflow is not suspended (status: {fresh.status}); another signal or "
-                "operation got there first",
-                workflow_id=run_id,
-                workflow_name=definition.name,
-                details={"status": fresh.status},
-            ) from None
-        raise
-    rows = {r.index: r for r in row.steps}
-    rows[done.index] = replace(done, fence=applied.fence)
-    data = replay_data(rows.values())
-    driver = engine._driver_from(definition, row, applied, rows=rows, data=data)
-    driver.started = started
-    driver.status = WorkflowStatus.RUNNING
-    driver.signals[name] = decode(payload_text)
-    driver.current_step = done.index
-    await driver.event(
-        "signal:received",
-        step_name=done.name,
-        step_index=done.index,
-        status=WorkflowStatus.SUSPENDED.value,
-        input=driver.signals[name],
-        meta={"signal": name},
-    )
-    return await engine._drive(driver, done.index + 1)
-
-
-def _waiting_row(row: RunRow) -> StepRow:
-    if row.status != WorkflowStatus.SUSPENDED.value:
-        raise WorkflowNotSuspendedError(
-            f"Workflow is not suspended (status: {row.status})",
-            workflow_id=row.id,
-            workflow_name=row.name,
-            details={"status": row.status},
-        )
-    for r in row.steps:
-        if r.index == row.current_step and r.status == StepStatus.SUSPENDED.value:
-            return r
-    raise WorkflowNotSuspendedError(
-        "Workflow state invalid: no suspended step found",
-        workflow_id=row.id,
-        workflow_name=row.name,
-        details={"status": row.status},
-    )
+    await rt.store.send_signal(row.id, name, payload_text)
+    return await rt.drive_now(row.id, definition)
 
 
 async def resume_run(
-    engine: FluxEngine, definition: WorkflowDefinition, row: RunRow, from_step: int | str | None
+    rt: Runtime, definition: WorkflowDefinition, row: RunRow, from_step: int | str | None
 ) -> FluxResult:
     """Continue a stopped run (rule 15): forward from a step, or the rollback it stopped in."""
     started = time.perf_counter()
@@ -151,8 +90,12 @@ async def resume_run(
                 workflow_name=definition.name,
                 details={"status": status},
             )
-        return await continue_rollback(engine, definition, row, started)
-    start = _start_index(definition, row, from_step)
+        return await continue_rollback(rt, definition, row, started)
+    if status == WorkflowStatus.PAUSED.value and from_step is None:
+        # Resuming a paused run unpauses it: it continues where it stopped.
+        await rt.unpause(row)
+        return await rt.drive_now(row.id, definition)
+    start = start_index(definition, row, from_step)
     rows = {r.index: r for r in row.steps}
     undone = [i for i, r in rows.items() if i < start and r.status in _UNDONE]
     if undone:
@@ -171,90 +114,37 @@ async def resume_run(
     )
     replaced = [r for i, r in sorted(rows.items()) if i >= start and i not in keep]
     # The outcomes about to be replaced stay readable in the attempt log.
-    logged = await engine.storage.list_attempts(row.id) if any(r.retries for r in replaced) else []
+    logged = await rt.store.list_attempts(row.id) if any(r.retries for r in replaced) else []
     archived = tuple(a for a in (final_attempt(r, logged) for r in replaced) if a is not None)
-    applied = await engine.storage.apply(
-        Transition(
-            run_id=row.id,
-            expected_version=row.version,
-            updated_at=utcnow(),
-            claim=claim_for(engine.settings),
+    applied = await rt.store.apply(
+        claim_transition(
+            row,
+            claim_for(rt.settings),
+            utcnow(),
             status=WorkflowStatus.PENDING.value,
             current_step=start,
             error=None,
             completed_at=None,
             wait_name=None,
+            wait_kind=None,
+            run_after=None,
+            attempt=0,
             delete_steps_from=start,
             keep_steps=keep,
             attempts=archived,
         )
     )
     kept = {i: r for i, r in rows.items() if i < start or i in keep}
-    driver = engine._driver_from(
+    driver = rt.driver_from(
         definition, row, applied, rows=kept, data=replay_data(kept.values(), before=start)
     )
     driver.started = started
     driver.status = WorkflowStatus.PENDING
-    return await engine._drive(driver, start)
-
-
-def _pivot(definition: WorkflowDefinition, row: RunRow) -> int | None:
-    """The last completed commit step before where a failed run stopped."""
-    for r in sorted(row.steps, key=lambda r: -r.index):
-        if r.index < row.current_step and definition.steps[r.index].commit:
-            if r.status == _COMPLETED:
-                return r.index
-    return None
-
-
-def _start_index(definition: WorkflowDefinition, row: RunRow, from_step: int | str | None) -> int:
-    count = len(definition.steps)
-    if from_step is None:
-        pivot = _pivot(definition, row) if row.status == WorkflowStatus.FAILED.value else None
-        # A run failed after its commit step is finished forward from the step after it.
-        start = pivot + 1 if pivot is not None else min(max(row.current_step, 0), count - 1)
-    elif isinstance(from_step, str):
-        try:
-            start = definition.step_names.index(from_step)
-        except ValueError:
-            raise StepNotFoundError(
-                f"Step not found: {from_step}",
-                workflow_id=row.id,
-                workflow_name=definition.name,
-                step=from_step,
-            ) from None
-    else:
-        if not 0 <= from_step < count:
-            raise InvalidStepIndexError(
-                f"Invalid step index: {from_step} (the workflow has {count} steps)",
-                workflow_id=row.id,
-                workflow_name=definition.name,
-                details={"index": from_step},
-            )
-        start = from_step
-    step = definition.steps[start]
-    recorded = next((r for r in row.steps if r.index == start), None)
-    if step.commit and recorded is not None and recorded.status == _COMPLETED:
-        raise CommittedStepError(
-            f"step {step.name!r} is a commit step that already completed; it never runs "
-            "again in this run",
-            workflow_id=row.id,
-            workflow_name=definition.name,
-            step=step.name,
-        )
-    return start
-
-
-def _failed_index(row: RunRow, count: int) -> tuple[int, str]:
-    """The step whose failure started the rollback, and its stored message."""
-    for r in row.steps:
-        if r.status == StepStatus.FAILED.value:
-            return r.index, r.error or "step failed"
-    return count, row.error or "step failed"
+    return await rt.drive(driver, lambda d: d.forward(start))
 
 
 async def continue_rollback(
-    engine: FluxEngine,
+    rt: Runtime,
     definition: WorkflowDefinition,
     row: RunRow,
     started: float,
@@ -263,13 +153,12 @@ async def continue_rollback(
     note: AttemptRow | None = None,
 ) -> FluxResult:
     """Claim a run stopped in its rollback and carry the rollback on to its end."""
-    failed, message = _failed_index(row, len(definition.steps))
-    applied = await engine.storage.apply(
-        Transition(
-            run_id=row.id,
-            expected_version=row.version,
-            updated_at=utcnow(),
-            claim=claim_for(engine.settings),
+    failed, message = failed_index(row, len(definition.steps))
+    applied = await rt.store.apply(
+        claim_transition(
+            row,
+            claim_for(rt.settings),
+            utcnow(),
             status=WorkflowStatus.ROLLING_BACK.value,
             completed_at=None,
             update_step=skipped,
@@ -279,17 +168,19 @@ async def continue_rollback(
     rows = {r.index: r for r in row.steps}
     if skipped is not None:
         rows[skipped.index] = replace(skipped, fence=applied.fence)
-    driver = engine._driver_from(
+    driver = rt.driver_from(
         definition, row, applied, rows=rows, data=rollback_data(rows.values(), failed)
     )
     driver.started = started
     driver.status = WorkflowStatus.ROLLING_BACK
     driver.current_step = min(failed, len(definition.steps) - 1)
-    return await engine._drive(driver, None, rollback_from=(failed, message))
+    # A rollback a cancel started ends cancelled, however it was continued.
+    ending = WorkflowStatus.CANCELLED if row.requested == "cancel" else None
+    return await rt.drive(driver, lambda d: d.rollback(failed, message, ending=ending))
 
 
 async def skip_compensation(
-    engine: FluxEngine, definition: WorkflowDefinition, row: RunRow, step: str, note: str
+    rt: Runtime, definition: WorkflowDefinition, row: RunRow, step: str, note: str
 ) -> FluxResult:
     """Record the failed compensation of ``step`` as done by hand, then finish the rollback."""
     if row.status != WorkflowStatus.COMPENSATION_FAILED.value:
@@ -316,7 +207,7 @@ async def skip_compensation(
             step=step,
         )
     now = utcnow()
-    logged = await engine.storage.list_attempts(row.id)
+    logged = await rt.store.list_attempts(row.id)
     tries = sum(1 for a in logged if a.kind == "compensation" and a.index == index)
     skipped = replace(
         recorded,
@@ -338,21 +229,21 @@ async def skip_compensation(
         duration_ms=0.0,
         error=note,  # for a skipped compensation the store's error column holds the note
     )
-    engine.emitter.log.warning(
+    rt.emitter.log.warning(
         f"{definition.name}/{row.id}: compensation of step {step!r} recorded as done by hand "
         f"({note})"
     )
     return await continue_rollback(
-        engine, definition, row, time.perf_counter(), skipped=skipped, note=log
+        rt, definition, row, time.perf_counter(), skipped=skipped, note=log
     )
 
 
-async def list_attempts(engine: FluxEngine, run_id: str) -> list[StepAttempt]:
+async def list_attempts(rt: Runtime, run_id: str) -> list[StepAttempt]:
     """Every attempt of every step and compensation of a run, in the order they started."""
-    row = await engine.storage.load(run_id)
+    row = await rt.store.load(run_id)
     if row is None:
         raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
-    logged = await engine.storage.list_attempts(run_id)
+    logged = await rt.store.list_attempts(run_id)
     live = [a for a in (final_attempt(r, logged) for r in row.steps) if a is not None]
     merged = [(a, a.seq) for a in logged] + [(a, 1 << 62) for a in live]
 

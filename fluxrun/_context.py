@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -12,33 +14,125 @@ from ._codec import validate_text
 from ._records import StepExecution, WorkflowStatus
 from .errors import InvalidArgumentError, SerializationError
 
-__all__ = ["MADE_WAITS", "Flux", "WaitMarker", "WorkflowContext", "wait"]
+__all__ = [
+    "MADE_WAITS",
+    "MAX_WAIT_SECONDS",
+    "Flux",
+    "Marker",
+    "SleepMarker",
+    "WaitMarker",
+    "WorkflowContext",
+    "sleep",
+    "sleep_until",
+    "wait",
+]
 
-MADE_WAITS: ContextVar[list[WaitMarker] | None] = ContextVar("fluxrun_made_waits", default=None)
-"""The waits a running attempt made, so one made but not returned is reported, not lost."""
+MAX_WAIT_SECONDS = 100 * 365 * 86400.0
+"""The longest sleep or wait timeout (a century): anything longer is surely a unit mistake."""
 
 
 @dataclass(frozen=True, slots=True)
 class WaitMarker:
-    """Returned by a step handler to suspend the run until ``signal`` arrives."""
+    """Returned by a step handler to suspend the run until ``signal`` arrives (at most
+    ``timeout`` seconds, when given)."""
 
     signal: str
+    timeout: float | None = None
+
+    def call_text(self) -> str:
+        """How the handler wrote it, for error messages."""
+        return f"wait({self.signal!r})"
 
 
-def wait(signal: str) -> WaitMarker:
+@dataclass(frozen=True, slots=True)
+class SleepMarker:
+    """Returned by a step handler to suspend the run for ``seconds`` or until ``until``."""
+
+    seconds: float | None = None
+    until: dt.datetime | None = None
+
+    def call_text(self) -> str:
+        """How the handler wrote it, for error messages."""
+        if self.until is not None:
+            return f"sleep_until({self.until.isoformat()!r})"
+        return f"sleep({self.seconds:g})"
+
+
+Marker = WaitMarker | SleepMarker
+
+MADE_WAITS: ContextVar[list[Marker] | None] = ContextVar("fluxrun_made_waits", default=None)
+"""The waits and sleeps a running attempt made, so one made but not returned is reported."""
+
+
+def _made(marker: Marker) -> None:
+    made = MADE_WAITS.get()
+    if made is not None:
+        made.append(marker)
+
+
+def _duration(value: object, what: str, *, allow_zero: bool) -> float:
+    if isinstance(value, dt.timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        raise InvalidArgumentError(
+            f"{what} must be seconds (int or float) or a timedelta, got {type(value).__name__}"
+        )
+    if not math.isfinite(result) or result < 0 or (result == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidArgumentError(f"{what} must be a finite duration {bound}, got {value!r}")
+    if result > MAX_WAIT_SECONDS:
+        raise InvalidArgumentError(f"{what} must be at most 100 years, got {value!r}")
+    return result
+
+
+def wait(signal: str, *, timeout: float | dt.timedelta | None = None) -> WaitMarker:
     """Suspend the run after this step until the named signal is sent.
 
     Return it from a step handler: ``return wait("approved")``. The signal's payload becomes
-    the step's ``output`` and ``ctx.signals[signal]``.
+    the step's ``output`` and ``ctx.signals[signal]``. A signal sent before the run reached
+    this wait is waiting in the run's inbox and is taken at once. With ``timeout`` (seconds
+    or timedelta), a wait that sees no signal in time fails its step with
+    :class:`~fluxrun.errors.WaitTimeoutError` (the step's retries and compensation apply).
     """
     try:
         validate_text(signal, "signal name")
     except SerializationError as exc:
         raise InvalidArgumentError(exc.message) from None
-    marker = WaitMarker(signal)
-    made = MADE_WAITS.get()
-    if made is not None:
-        made.append(marker)
+    seconds = None if timeout is None else _duration(timeout, "wait timeout", allow_zero=False)
+    marker = WaitMarker(signal, seconds)
+    _made(marker)
+    return marker
+
+
+def sleep(duration: float | dt.timedelta) -> SleepMarker:
+    """Suspend the run after this step for ``duration`` (seconds or timedelta), durably.
+
+    Return it from a step handler: ``return sleep(3600)``. The run holds nothing in memory
+    while it sleeps; it wakes after any restart, never before its time (judged by the
+    store's clock), and the step is recorded ``completed`` when it wakes (the handler is
+    not called again).
+    """
+    marker = SleepMarker(seconds=_duration(duration, "sleep duration", allow_zero=True))
+    _made(marker)
+    return marker
+
+
+def sleep_until(when: dt.datetime) -> SleepMarker:
+    """Suspend the run after this step until ``when`` (a timezone-aware datetime), durably.
+
+    A time in the past wakes the run at once.
+    """
+    if not isinstance(when, dt.datetime):
+        raise InvalidArgumentError(f"sleep_until needs a datetime, got {type(when).__name__}")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidArgumentError(
+            f"sleep_until needs a timezone-aware datetime (for example with tzinfo=UTC), "
+            f"got {when!r}"
+        )
+    marker = SleepMarker(until=when.astimezone(dt.UTC))
+    _made(marker)
     return marker
 
 
@@ -46,6 +140,8 @@ class Flux:
     """Namespace kept for familiarity with @gravito/flux: ``Flux.wait(...)`` is :func:`wait`."""
 
     wait = staticmethod(wait)
+    sleep = staticmethod(sleep)
+    sleep_until = staticmethod(sleep_until)
 
 
 class WorkflowContext:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
@@ -22,9 +21,10 @@ from ._context import WorkflowContext
 from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
 from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
+from ._machine import RunMachine
 from ._records import FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
-from ._state import apply_changes, entry, replay_data
+from ._state import apply_changes, replay_data
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
 from .errors import (
     DefinitionError,
@@ -33,7 +33,7 @@ from .errors import (
     SerializationError,
     StepTimeoutError,
 )
-from .storage._base import KEEP, Applied, AttemptRow, Keep, RunRow, StepRow, Store, Transition
+from .storage._base import Applied, AttemptRow, RunRow, StepRow, Store
 
 if TYPE_CHECKING:
     from ._lease import LeaseKeeper
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DriverBase",
     "Failed",
+    "Interrupted",
+    "Released",
     "Settings",
     "final_attempt",
     "rollback_data",
@@ -79,6 +81,18 @@ class Settings:
     executor: Callable[[], Executor]
     sync_timeout_grace: float = 60.0
     closing: Callable[[], bool] = lambda: False
+    durable_backoff: float = 1.0
+
+
+_INTERRUPT = "fluxrun: run cancelled"
+
+
+class Interrupted(Exception):
+    """Internal: a cancel cut the running attempt short."""
+
+
+class Released(Exception):
+    """Internal: the run was let go to wait in the store (a long retry backoff)."""
 
 
 class Failed(Exception):
@@ -108,12 +122,6 @@ class Failed(Exception):
             error=info.message,
             traceback=info.traceback,
         )
-
-
-@functools.lru_cache(maxsize=4096)
-def _pending(name: str) -> StepExecution:
-    """The history entry of a step not reached yet; immutable, so runs share one per name."""
-    return StepExecution(name=name)
 
 
 def rollback_data(rows: Iterable[StepRow], failed: int) -> dict[str, Any]:
@@ -167,8 +175,12 @@ def final_attempt(row: StepRow, logged: Iterable[AttemptRow]) -> AttemptRow | No
     )
 
 
-class DriverBase:
-    """State of one run being driven, saving it, and running attempts with retries."""
+def _retryable(exc: BaseException, policy: RetryPolicy) -> bool:
+    return not isinstance(exc, SerializationError | DefinitionError) and policy.should_retry(exc)
+
+
+class DriverBase(RunMachine):
+    """A run being driven: its machine, the services it uses, saving, and attempts."""
 
     def __init__(
         self,
@@ -190,31 +202,36 @@ class DriverBase:
         signals: dict[str, Any],
         started: float,
     ) -> None:
-        self.definition = definition
+        super().__init__(
+            definition=definition,
+            run_id=run_id,
+            version=version,
+            fence=fence,
+            status=status,
+            rows=rows,
+        )
         self.store = store
         self.emitter = emitter
         self.settings = settings
         self.keeper = keeper
-        self.id = run_id
         self.input = input
         self.input_plain = input_plain
         self.input_text = input_text
         # Each step gets the stored input, so what one step does to it never reaches the
         # next (with or without a crash in between); immutable inputs need no copy.
         self._input_shared = definition.input_spec is None and type(input_plain) in _IMMUTABLE
-        self.version = version
-        self.fence = fence
-        self.status = status
-        self.rows = rows
         self.signals = signals
         self.started = started
-        self.current_step = 0
-        self.names = definition.step_names
-        self.history: list[StepExecution] = [
-            entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
-        ]
         self.tracked = TrackedData(data, max_size=settings.max_value_size)
         self.error: BaseException | None = None
+        # A cancel or pause asked of this run while it is driven (see interrupt()).
+        self.request: str | None = None
+        self.request_reason: str | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self._interruptible = False
+        # What the run waits for after this drive, when it suspended ("signal", "sleep",
+        # "backoff"): a caller waiting for its result waits through sleeps and backoffs.
+        self.wait_kind: str | None = None
 
     @classmethod
     def from_row(
@@ -302,56 +319,21 @@ class DriverBase:
                 )
             )
 
-    async def save(
-        self,
-        *,
-        status: WorkflowStatus | Keep = KEEP,
-        insert_step: StepRow | None = None,
-        update_step: StepRow | None = None,
-        error: str | Keep | None = KEEP,
-        completed_at: dt.datetime | Keep | None = KEEP,
-        wait_name: str | Keep | None = KEEP,
-        release: bool = False,
-        attempts: tuple[AttemptRow, ...] = (),
-    ) -> None:
-        """Write one transition, fenced by this executor's claim."""
-        if status is self.status:
-            # Unchanged (a fenced write applies only to the run as this driver last saw it):
-            # writing it again would make the SQL stores rewrite their status indexes.
-            status = KEEP
+    async def save(self, *, updated_at: dt.datetime | None = None, **patch: Any) -> None:
+        """Commit one transition (see :meth:`RunMachine.transition`), fenced by this
+        executor's claim."""
         if self.keeper.lost(self.id):
             raise LeaseLostError(
                 f"run {self.id!r}: this executor's lease was taken over",
                 workflow_id=self.id,
                 workflow_name=self.definition.name,
             )
-        t = Transition(
-            run_id=self.id,
-            expected_version=self.version,
+        if updated_at is None:
             # A step row's own end time doubles as the run's update time (one clock read).
-            updated_at=(insert_step.completed_at if insert_step is not None else None)
-            or utcnow(),
-            fence=self.fence,
-            status=status if isinstance(status, Keep) else status.value,
-            current_step=self.current_step,
-            error=error,
-            completed_at=completed_at,
-            wait_name=wait_name,
-            insert_step=insert_step,
-            update_step=update_step,
-            # No lease renewal here: the LeaseKeeper thread does it, and leaving lease_until
-            # alone lets PostgreSQL update the run row in place (no index writes per step).
-            release=release,
-            attempts=attempts,
-        )
-        applied = await self.store.apply(t)
-        self.version = applied.version
-        if not isinstance(status, Keep):
-            self.status = status
-        for row in (insert_step, update_step):
-            if row is not None:
-                self.rows[row.index] = row
-                self.history[row.index] = entry(row)
+            row = patch.get("insert_step")
+            updated_at = (row.completed_at if row is not None else None) or utcnow()
+        t = self.transition(updated_at=updated_at, **patch)
+        self.record(t, await self.store.apply(t))
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -361,17 +343,23 @@ class DriverBase:
         step: StepDefinition,
         *,
         compensating: bool = False,
+        first: int = 1,
     ) -> tuple[Any, str | None, WorkflowContext, int, float]:
-        """Run the step's handler (or its compensation) with the step's retries.
+        """Run the step's handler (or its compensation) with the step's retries, from
+        attempt ``first`` (a durable backoff or a crash kept the count).
 
         Returns:
             (result, changes to ``ctx.data``, the context, attempts made, when the last
             attempt started by ``time.perf_counter``).
 
-        Each failed attempt that is retried is added to the run's attempt log first.
+        Each failed attempt that is retried is added to the run's attempt log first. A wait
+        before the next attempt longer than ``Settings.durable_backoff`` is kept in the store
+        instead: the run is released, suspended until then, and :class:`Released` is raised.
 
         Raises:
             Failed: the last attempt failed (or the error is not retried).
+            Interrupted: a cancel interrupted an async attempt.
+            Released: the wait before the next attempt is kept in the store.
         """
         retries = step.retries if step.retries is not None else self.settings.default_retries
         timeout = step.timeout if step.timeout is not None else self.settings.default_timeout
@@ -388,11 +376,13 @@ class DriverBase:
             "compensation of step" if compensating else "step",
             self.emitter.log.warning,
         )
-        attempt = 1
+        attempt = first
         while True:
             ctx = self.context(index, attempt)
             handle.number = attempt
             t0 = time.perf_counter()
+            # Only an async forward attempt is cut short by a cancel (a thread cannot be).
+            self._interruptible = fn_is_async and not compensating
             try:
                 result = await call_handler(
                     fn,
@@ -408,28 +398,130 @@ class DriverBase:
             except EngineClosedError:
                 self.tracked.restore()
                 raise
+            except asyncio.CancelledError:
+                self.tracked.restore()
+                self._absorb_cancel()
+                raise Interrupted() from None
             except Exception as exc:
                 self.tracked.restore()
                 failed = Failed(exc, attempt, since(t0), t0)
-                retryable = not isinstance(
-                    exc, SerializationError | DefinitionError
-                ) and policy.should_retry(exc)
-                if attempt > retries or not retryable:
+                if attempt > retries or not _retryable(exc, policy):
                     raise failed from None
-            await self._retry(index, step, failed, retries, compensating)
-            delay = policy.delay(attempt)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if handle.thread is not None:
-                await self._await_thread(handle, step, attempt, failed.started)
+            finally:
+                self._interruptible = False
+            await self._before_retry(index, step, failed, retries, policy, compensating, handle)
             attempt += 1
+
+    async def retry_after(self, index: int, step: StepDefinition, failed: Failed) -> int | None:
+        """After ``failed`` (an attempt that failed outside :meth:`attempts`, such as a wait
+        that timed out): the number of the next attempt once its backoff is over, or None
+        when the step has no retry left (or the error is not retried).
+
+        Raises:
+            Released: the backoff is kept in the store.
+            Interrupted: a cancel came during the backoff.
+        """
+        retries = step.retries if step.retries is not None else self.settings.default_retries
+        policy = step.retry or self.settings.retry_policy
+        if failed.attempts > retries or not _retryable(failed.error, policy):
+            return None
+        await self._before_retry(index, step, failed, retries, policy, False)
+        return failed.attempts + 1
+
+    async def _before_retry(
+        self,
+        index: int,
+        step: StepDefinition,
+        failed: Failed,
+        retries: int,
+        policy: RetryPolicy,
+        compensating: bool,
+        handle: Attempt | None = None,
+    ) -> None:
+        """Log the failed attempt and wait out the backoff before the next one (in the
+        store, releasing the run, when it is long: :class:`Released`). A timed-out sync
+        attempt's thread is waited for first: one attempt at a time, in any process."""
+        delay = policy.delay(failed.attempts)
+        if delay > self.settings.durable_backoff and not compensating:
+            if handle is not None and handle.thread is not None:
+                await self._await_thread(handle, step, failed.attempts, failed.started)
+            await self._store_backoff(index, step, failed, retries, delay)
+            raise Released()
+        await self._retry(index, step, failed, retries, compensating)
+        if handle is not None and handle.thread is not None:
+            await self._await_thread(handle, step, failed.attempts, failed.started)
+        if delay > 0:
+            self._interruptible = not compensating
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self._absorb_cancel()
+                raise Interrupted() from None
+            finally:
+                self._interruptible = False
+
+    def interrupt(self, kind: str, reason: str | None) -> None:
+        """Note a cancel or pause asked of this run; a cancel also cuts short an async
+        attempt (or an in-process backoff) at once. Called on the driver's event loop."""
+        if self.request == "cancel":
+            return  # a cancel is never weakened to a pause
+        self.request = kind
+        self.request_reason = reason
+        if kind == "cancel" and self._interruptible and self.task is not None:
+            self.task.cancel(_INTERRUPT)
+
+    def _absorb_cancel(self) -> None:
+        """Turn this driver's own interruption back into normal flow; re-raise any other
+        cancellation (the caller's or the event loop's)."""
+        task = self.task
+        if (
+            self.request != "cancel"
+            or task is None
+            or task is not asyncio.current_task()
+            or task.cancelling() == 0
+        ):
+            raise asyncio.CancelledError()
+        task.uncancel()
+
+    async def _store_backoff(
+        self, index: int, step: StepDefinition, failed: Failed, retries: int, delay: float
+    ) -> None:
+        """Keep a long wait before the next attempt in the store, and let the run go."""
+        now = utcnow()
+        log = failed.log_row(index, step.name, "step")
+        self.current_step = index
+        self.wait_kind = "backoff"
+        await self.save(
+            updated_at=now,
+            status=WorkflowStatus.SUSPENDED,
+            attempts=(log,),
+            attempt=failed.attempts,
+            wait_kind="backoff",
+            wait_name=None,
+            run_after=now + dt.timedelta(seconds=delay),
+            release=True,
+        )
+        await self._retry_told(index, step, failed, retries, False, delay)
 
     async def _retry(
         self, index: int, step: StepDefinition, failed: Failed, retries: int, compensating: bool
     ) -> None:
-        info = failed.info
         log = failed.log_row(index, step.name, "compensation" if compensating else "step")
-        await self.save(attempts=(log,))
+        # The attempt count is kept with the run, so a crash before the next attempt
+        # neither resets the retry budget nor counts as a crash of that attempt.
+        await self.save(attempts=(log,), attempt=failed.attempts)
+        await self._retry_told(index, step, failed, retries, compensating, None)
+
+    async def _retry_told(
+        self,
+        index: int,
+        step: StepDefinition,
+        failed: Failed,
+        retries: int,
+        compensating: bool,
+        stored_delay: float | None,
+    ) -> None:
+        info = failed.info
         if not compensating:
             await self.event(
                 "step:retry",
@@ -442,9 +534,10 @@ class DriverBase:
                 status="running",
                 meta={"errorType": info.type},
             )
+        when = "" if stored_delay is None else f" after {stored_delay:g}s (the run sleeps)"
         self.emitter.log.info(
             f"{self.label} step {step.name!r} attempt {failed.attempts} failed "
-            f"({info.type}: {info.message}); retrying"
+            f"({info.type}: {info.message}); retrying{when}"
         )
 
     async def _await_thread(

@@ -4,38 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import datetime as dt
 import math
 import os
 import time
-import uuid
 from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
-from ._codec import DEFAULT_MAX_SIZE, decode, encode
+from ._codec import DEFAULT_MAX_SIZE
+from ._control import RunHandle, prepare_run, request_run, send_signal, start_run
 from ._definition import WorkflowDefinition
 from ._lease import LeaseKeeper
 from ._options import hooks_from, naming, sinks_from, text_arg
 from ._owner import new_owner_id
-from ._records import (
-    TERMINAL_STATUSES,
-    FluxResult,
-    StepAttempt,
-    WorkflowFilter,
-    WorkflowState,
-    WorkflowStatus,
-)
-from ._recovery import recover_runs
+from ._records import FluxResult, StepAttempt, WorkflowFilter, WorkflowState, WorkflowStatus
 from ._registry import FlowLike, Registry
 from ._retry import RetryPolicy, seconds
-from ._runner import RunDriver, Settings, utcnow
+from ._runner import Settings
+from ._runtime import Runtime, is_final
+from ._scheduler import Scheduler
 from ._state import to_state
 from ._trace import Emitter
 from ._whole_state_storage import WholeStateStorageAdapter, is_whole_state_storage
 from .errors import (
-    ConcurrentModificationError,
     DefinitionError,
     InvalidArgumentError,
     InvalidStateError,
@@ -43,13 +37,11 @@ from .errors import (
     WorkflowDefinitionChangedError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
-    with_run,
 )
-from .storage._base import Applied, ListQuery, RunRow, Store, Transition
+from .storage._base import ListQuery, RunRow, Store
 from .storage.memory import MemoryStorage
 
 __all__ = ["FlowLike", "FluxEngine"]
-
 
 
 _NO_TIMEOUT_RETRY = RetryPolicy()
@@ -73,7 +65,8 @@ class FluxEngine:
             ``step_error``, ``workflow_complete``, ``workflow_error``; sync or async.
         retry_policy: Backoff between attempts of steps without their own policy.
         lease: Seconds (or timedelta) a claim on a run lasts without renewal; renewed
-            every third of it while the run executes.
+            every third of it while the run executes (default 15). A cancel or pause asked
+            from another process reaches the run's driver within a third of it.
         max_recoveries: A run whose executor crashed this many times in a row, with no
             step recorded in between, is marked failed by ``recover`` instead of being
             retried forever.
@@ -82,6 +75,13 @@ class FluxEngine:
         sync_timeout_grace: Seconds to wait, after a sync handler timed out, for its thread
             to return before the next attempt starts (one attempt at a time); if it has not
             returned by then, the step fails without further attempts.
+        max_concurrent_runs: Runs this engine drives at once (its scheduler claims no more;
+            runs started here count too).
+        poll_interval: Seconds between the scheduler's looks at the store for work other
+            processes made due (a timer's time, a start, a signal, a crash); work made due
+            in this process is seen at once.
+        durable_backoff: A wait before a retry longer than this many seconds is kept in the
+            store (the run sleeps, holding nothing) instead of in memory.
     """
 
     def __init__(
@@ -94,11 +94,14 @@ class FluxEngine:
         default_timeout: float | dt.timedelta | None = None,
         on: object | None = None,
         retry_policy: RetryPolicy | None = None,
-        lease: float | dt.timedelta = 30.0,
+        lease: float | dt.timedelta = 15.0,
         max_recoveries: int = 5,
         recover_on_start: bool = False,
         max_value_size: int = DEFAULT_MAX_SIZE,
         sync_timeout_grace: float | dt.timedelta = 60.0,
+        max_concurrent_runs: int = 32,
+        poll_interval: float | dt.timedelta = 1.0,
+        durable_backoff: float | dt.timedelta = 1.0,
     ) -> None:
         if type(default_retries) is not int or default_retries < 0:
             raise InvalidArgumentError(
@@ -112,6 +115,10 @@ class FluxEngine:
             raise InvalidArgumentError(
                 f"max_value_size must be an int >= 16, got {max_value_size!r}"
             )
+        if type(max_concurrent_runs) is not int or max_concurrent_runs < 1:
+            raise InvalidArgumentError(
+                f"max_concurrent_runs must be an int >= 1, got {max_concurrent_runs!r}"
+            )
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise InvalidArgumentError(f"retry_policy must be a RetryPolicy, got {retry_policy!r}")
         try:
@@ -120,6 +127,8 @@ class FluxEngine:
             )
             lease_seconds = seconds(lease, "lease")
             grace = seconds(sync_timeout_grace, "sync_timeout_grace", allow_zero=True)
+            poll = seconds(poll_interval, "poll_interval")
+            backoff = seconds(durable_backoff, "durable_backoff", allow_zero=True)
         except DefinitionError as exc:
             raise InvalidArgumentError(exc.message) from None
         if lease_seconds > _MAX_LEASE:
@@ -140,19 +149,28 @@ class FluxEngine:
             executor=self._thread_pool,
             sync_timeout_grace=grace,
             closing=self._is_closing,
+            durable_backoff=backoff,
         )
         self._keeper = LeaseKeeper(
             self._store, owner=self.owner, lease_seconds=lease_seconds, log=self.emitter.log
         )
         self._registry = Registry()
-        self._max_recoveries = max_recoveries
+        self._runtime = Runtime(
+            store=self._store,
+            emitter=self.emitter,
+            settings=self.settings,
+            keeper=self._keeper,
+            registry=self._registry,
+            max_recoveries=max_recoveries,
+            poll_interval=poll,
+        )
+        self._keeper.on_request = self._on_request
+        self._scheduler = Scheduler(self._runtime, max_concurrent=max_concurrent_runs)
         self._recover_on_start = bool(recover_on_start)
         self._ready = False
         self._closing = False
         self._closed = False
         self._init_lock: asyncio.Lock | None = None
-        # Runs this engine is driving now -> set when the drive has ended (close waits).
-        self._active: dict[str, asyncio.Event] = {}
 
     @staticmethod
     def _make_store(storage: object | None) -> Store:
@@ -183,7 +201,8 @@ class FluxEngine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def init(self) -> None:
-        """Prepare the store (create or migrate its schema); idempotent.
+        """Prepare the store (create or migrate its schema) and start the scheduler, which
+        from then on claims and drives the due runs of the registered workflows; idempotent.
 
         With ``recover_on_start``, also recovers unfinished runs of the registered workflows
         before returning.
@@ -199,6 +218,8 @@ class FluxEngine:
             self._ready = True
         if self._recover_on_start:
             await self.recover()
+        if not self._closing:
+            self._scheduler.start()
 
     async def _ensure_ready(self) -> None:
         # A closed engine must refuse work even on a store (memory) that still answers.
@@ -211,12 +232,13 @@ class FluxEngine:
         return self._closing
 
     async def close(self, *, timeout: float = 10.0) -> None:
-        """Stop driving runs, release them, and close the thread pool and the store.
+        """Stop the scheduler, stop driving runs, release them, and close the thread pool
+        and the store.
 
         Runs being driven stop at their next step boundary (waiting at most ``timeout``
-        seconds for running steps) and are released, so another engine's ``recover()``
-        continues them at once; their callers get :class:`EngineClosedError`. Sync steps
-        still queued for a thread do not start.
+        seconds for running steps) and are released, so another engine continues them at
+        once; their callers get :class:`EngineClosedError`. Sync steps still queued for a
+        thread do not start.
         """
         if (
             isinstance(timeout, bool)
@@ -230,22 +252,15 @@ class FluxEngine:
         if self._closed or self._closing:
             return
         self._closing = True
-        await self._wait_active(timeout)
+        await self._scheduler.stop()
+        await self._runtime.wait_idle(timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         # Callers of cancelled queued steps get EngineClosedError and release their runs.
-        await self._wait_active(1.0)
+        await self._runtime.wait_idle(1.0)
         self._closed = True
         await self._keeper.stop_async()
         await self._store.close()
-
-    async def _wait_active(self, timeout: float) -> None:
-        if not self._active:
-            return
-        waiters = [asyncio.ensure_future(ev.wait()) for ev in self._active.values()]
-        _, pending = await asyncio.wait(waiters, timeout=timeout)
-        for w in pending:
-            w.cancel()
 
     async def __aenter__(self) -> FluxEngine:
         await self.init()
@@ -275,128 +290,55 @@ class FluxEngine:
     def _spec_for(self, name: str) -> Any:
         return self._registry.input_spec(name)
 
-    def _driver(self, definition: WorkflowDefinition, **kw: Any) -> RunDriver:
-        """A driver for a run this engine has just created."""
-        return RunDriver(
-            definition=definition,
-            store=self._store,
-            emitter=self.emitter,
-            settings=self.settings,
-            keeper=self._keeper,
-            **kw,
-        )
-
-    def _driver_from(
-        self, definition: WorkflowDefinition, row: RunRow, applied: Applied, **kw: Any
-    ) -> RunDriver:
-        spec = definition.input_spec
-        plain = decode(row.input)
-        return RunDriver.from_row(
-            row,
-            applied,
-            definition=definition,
-            input=plain if spec is None else spec.revive(plain),
-            input_plain=plain,
-            store=self._store,
-            emitter=self.emitter,
-            settings=self.settings,
-            keeper=self._keeper,
-            **kw,
-        )
-
-    async def _drive(
-        self,
-        driver: RunDriver,
-        start: int | None,
-        rollback_from: tuple[int, str] | None = None,
-    ) -> FluxResult:
-        """Drive a claimed run; on any way out but a saved end, release it at once."""
-        self._keeper.hold(driver.id, driver.fence)
-        done = asyncio.Event()
-        self._active[driver.id] = done
-        try:
-            if rollback_from is not None:
-                return await driver.rollback(*rollback_from)
-            assert start is not None
-            return await driver.forward(start)
-        except BaseException as exc:
-            await self._release(driver, exc)
-            with_run(exc, driver.id, driver.definition.name)
-            raise
-        finally:
-            self._keeper.drop(driver.id)
-            self._active.pop(driver.id, None)
-            done.set()
-
-    async def _release(self, driver: RunDriver, exc: BaseException) -> None:
-        """Give up a run cut off by cancellation, close() or an unexpected error, so that it
-        is not left owned until its lease expires (a crash would be the only other way)."""
-        if isinstance(exc, ConcurrentModificationError) or driver.status in TERMINAL_STATUSES:
-            return  # not ours any more, or already released with its end
-        if driver.status is WorkflowStatus.SUSPENDED:
-            return
-        release = Transition(
-            run_id=driver.id,
-            expected_version=driver.version,
-            updated_at=utcnow(),
-            fence=driver.fence,
-            release=True,
-        )
-        try:
-            # Shielded: a cancelled caller still gets its run released.
-            await asyncio.shield(self._store.apply(release))
-        except BaseException as failure:
-            self.emitter.log.warning(
-                f"{driver.label}: could not release the run after "
-                f"{type(exc).__name__}; it is recovered when its lease expires ({failure!r})"
-            )
+    def _on_request(self, run_id: str, kind: str) -> None:
+        # A lease renewal saw a cancel or pause asked of a run driven here.
+        self._runtime.interrupt(run_id, kind, None)
 
     # -- running -----------------------------------------------------------------------------
 
-    async def execute(self, flow: FlowLike, input: Any = None) -> FluxResult:
-        """Start a new run and drive it until it completes, fails or suspends.
+    async def execute(
+        self,
+        flow: FlowLike,
+        input: Any = None,
+        *,
+        id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> FluxResult:
+        """Start a run and drive it here until it finishes or needs something from outside
+        (a signal, an unpause); it waits through sleeps and stored retry backoffs.
+
+        With ``id`` or ``idempotency_key``, a run that exists already is not started again:
+        its result is returned (see :meth:`start`).
 
         Raises:
             InvalidInputError: the input failed validation or cannot be stored; nothing was
                 stored.
+            IdempotencyConflictError: the key (or id) is taken by a run with another input.
             StorageError, ConcurrentModificationError: the store refused a write.
         """
         definition = self._definition(flow)
         started = time.perf_counter()
-        spec = definition.input_spec
-        typed = input if spec is None else spec.validate(input, definition.name)
-        plain = typed if spec is None else spec.to_plain(typed)
-        input_text = encode(plain, what="input", max_size=self.settings.max_value_size)
-        plain = decode(input_text)
-        if spec is None:
-            typed = plain
-        await self._ensure_ready()
-        now = utcnow()
-        run_id = str(uuid.uuid4())
-        row = RunRow(
-            id=run_id,
-            name=definition.name,
-            status=WorkflowStatus.PENDING.value,
-            input=input_text,
-            step_names=definition.step_names,
-            current_step=0,
-            created_at=now,
-            updated_at=now,
-            version=1,
-            fence=1,
-            definition_version=definition.version,
+        new = prepare_run(
+            self._runtime,
+            definition,
+            input,
+            run_id=_opt_text(id, "id"),
+            idempotency_key=_opt_text(idempotency_key, "idempotency_key"),
+            delay=None,
         )
+        await self._ensure_ready()
+        run_id = new.row.id
         with naming(run_id, definition.name):
             # A failed create may still have committed: the error names the run to look for.
-            await self._store.create(
-                row, lease_owner=self.owner, lease_seconds=self.settings.lease_seconds
-            )
-        driver = self._driver(
+            run_id, created = await start_run(self._runtime, new, own=True)
+        if not created:
+            return await self._runtime.wait_result(run_id, None)
+        driver = self._runtime.new_driver(
             definition,
             run_id=run_id,
-            input=typed,
-            input_plain=plain,
-            input_text=input_text,
+            input=new.typed,
+            input_plain=new.plain,
+            input_text=new.row.input,
             version=1,
             fence=1,
             status=WorkflowStatus.PENDING,
@@ -406,8 +348,123 @@ class FluxEngine:
             started=started,
         )
         with naming(run_id, definition.name):
-            await driver.event("workflow:start", status=WorkflowStatus.RUNNING.value, input=plain)
-            return await self._drive(driver, 0)
+            await driver.event(
+                "workflow:start", status=WorkflowStatus.RUNNING.value, input=new.plain
+            )
+            result = await self._runtime.drive(driver, lambda d: d.forward(0))
+            if is_final(result):
+                return result
+            # Asleep (or backing off): the scheduler wakes it; wait for what it comes to.
+            later = await self._runtime.wait_result(run_id, None)
+            return dataclasses.replace(later, duration_ms=(time.perf_counter() - started) * 1000.0)
+
+    async def start(
+        self,
+        flow: FlowLike,
+        input: Any = None,
+        *,
+        id: str | None = None,
+        idempotency_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+    ) -> RunHandle:
+        """Store a new run and return at once; the scheduler drives it (in this process,
+        unless another engine claims it first).
+
+        Two starts of one workflow with the same ``idempotency_key`` (or the same ``id``),
+        from any processes at once, make one run: the second gets a handle to the first
+        (``handle.created`` is False). ``delay`` (seconds or timedelta) makes the run due
+        that much later.
+
+        Raises:
+            InvalidInputError: the input failed validation or cannot be stored.
+            IdempotencyConflictError: the key (or id) is taken by a run with another input.
+        """
+        definition = self._registry.adopt(flow)
+        wait = None
+        if delay is not None:
+            try:
+                wait = seconds(delay, "delay", allow_zero=True)
+            except DefinitionError as exc:
+                raise InvalidArgumentError(exc.message) from None
+        new = prepare_run(
+            self._runtime,
+            definition,
+            input,
+            run_id=_opt_text(id, "id"),
+            idempotency_key=_opt_text(idempotency_key, "idempotency_key"),
+            delay=wait,
+        )
+        await self._ensure_ready()
+        with naming(new.row.id, definition.name):
+            run_id, created = await start_run(self._runtime, new, own=False)
+        if created:
+            self._scheduler.wake()
+        return RunHandle(self, run_id, created=created)
+
+    def handle(self, run_id: str) -> RunHandle:
+        """A handle on an existing run (by id), to wait for its result."""
+        return RunHandle(self, text_arg(run_id, "run id"))
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: Any = None, *, dedupe_key: str | None = None
+    ) -> bool:
+        """Put a signal in a run's inbox; the run takes it when it waits for ``name`` (at
+        once if it waits now). Signals of one name are taken oldest first, each by one
+        wait. Returns False when ``dedupe_key`` was already used for this run.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+            InvalidStateError: the run is finished.
+            InvalidInputError: the payload cannot be stored.
+        """
+        run_id = text_arg(run_id, "run id")
+        name = text_arg(name, "signal name")
+        dedupe = _opt_text(dedupe_key, "dedupe_key")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await send_signal(self._runtime, run_id, name, payload, dedupe)
+
+    async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:
+        """Cancel a run: a running async step is interrupted at once (a sync one at its
+        end), the completed steps are compensated (rule 11, the pivot rule applies) and the
+        run ends ``cancelled`` with ``reason``. Works whoever drives the run, and on
+        suspended, sleeping and paused runs; idempotent. False if the run had finished.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        why = _opt_text(reason, "reason")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await request_run(self._runtime, run_id, "cancel", why)
+
+    async def pause(self, run_id: str) -> bool:
+        """Stop a run at its next step boundary and mark it ``paused`` (a waiting run at
+        once); idempotent. False if the run had finished.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await request_run(self._runtime, run_id, "pause", None)
+
+    async def unpause(self, run_id: str) -> bool:
+        """Make a paused run due again: it continues where it stopped (a waiting run goes
+        back to waiting). False if it was not paused.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            row = await self._store.load(run_id)
+            if row is None:
+                raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
+            return await self._runtime.unpause(row)
 
     async def _load_for(self, definition: WorkflowDefinition, run_id: str) -> RunRow | None:
         row = await self._store.load(run_id)
@@ -448,7 +505,14 @@ class FluxEngine:
         name = text_arg(name, "signal name")
         await self._ensure_ready()
         with naming(run_id, definition.name):
-            return await signal_run(self, definition, run_id, name, payload)
+            row = await self._load_for(definition, run_id)
+            if row is None:
+                raise WorkflowNotFoundError(
+                    f"Workflow not found: {run_id}",
+                    workflow_id=run_id,
+                    workflow_name=definition.name,
+                )
+            return await signal_run(self._runtime, definition, row, name, payload)
 
     async def resume(
         self, flow: FlowLike, run_id: str, from_step: int | str | None = None
@@ -486,7 +550,7 @@ class FluxEngine:
             row = await self._load_for(definition, run_id)
             if row is None:
                 return None
-            return await resume_run(self, definition, row, from_step)
+            return await resume_run(self._runtime, definition, row, from_step)
 
     async def retry_step(self, flow: FlowLike, run_id: str, step: str) -> FluxResult | None:
         """Run a run again from the named step (``resume`` from it)."""
@@ -521,21 +585,25 @@ class FluxEngine:
                     workflow_id=run_id,
                     workflow_name=definition.name,
                 )
-            return await skip_compensation(self, definition, row, step, note)
+            return await skip_compensation(self._runtime, definition, row, step, note)
 
     # -- recovery ----------------------------------------------------------------------------
 
     async def recover(self, *, concurrency: int = 16) -> list[FluxResult]:
-        """Finish every unfinished run of the registered workflows that no live executor owns.
+        """Claim and drive due runs of the registered workflows until none is due, and
+        return the outcome of each run driven meanwhile (by these claims, or by the
+        scheduler's claims that were in flight).
 
-        Pending and running runs continue after their last recorded step; rolling-back runs
-        continue their compensations. A run whose executors crashed ``max_recoveries`` times
-        in a row without progress is marked failed. Returns the outcome of each run recovered.
+        The scheduler does this by itself; ``recover`` is for waiting until it is done.
+        Pending and running runs nobody owns continue after their last recorded step;
+        rolling-back runs continue their compensations; due timers and signals are taken.
+        A run whose executors crashed ``max_recoveries`` times in a row without progress is
+        marked failed.
         """
         if type(concurrency) is not int or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an int >= 1, got {concurrency!r}")
         await self._ensure_ready()
-        return await recover_runs(self, concurrency)
+        return await self._scheduler.recover(concurrency)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -578,7 +646,7 @@ class FluxEngine:
         run_id = text_arg(run_id, "run id")
         await self._ensure_ready()
         with naming(run_id, None):
-            return await list_attempts(self, run_id)
+            return await list_attempts(self._runtime, run_id)
 
     async def delete(self, run_id: str) -> bool:
         """Delete a run with its history and attempts; False if there was none.
@@ -588,9 +656,13 @@ class FluxEngine:
         """
         run_id = text_arg(run_id, "run id")
         await self._ensure_ready()
-        if run_id in self._keeper.holding():
+        if run_id in self._runtime.active or run_id in self._keeper.holding():
             raise RunBusyError(
                 f"run {run_id!r} is being executed by this engine", workflow_id=run_id
             )
         with naming(run_id, None):
             return await self._store.delete(run_id)
+
+
+def _opt_text(value: str | None, what: str) -> str | None:
+    return None if value is None else text_arg(value, what)

@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from ._context import MADE_WAITS, WaitMarker, WorkflowContext
+from ._context import MADE_WAITS, Marker, WorkflowContext
 from .errors import DefinitionError, EngineClosedError, StepTimeoutError
 
 __all__ = [
@@ -211,12 +211,13 @@ async def _limited(awaitable: Any, timeout: float, attempt: Attempt) -> Any:
         raise
 
 
-def _check_waits(made: list[WaitMarker], result: Any, step: str) -> None:
+def _check_waits(made: list[Marker], result: Any, step: str) -> None:
     for marker in made:
         if marker is not result:
+            call = marker.call_text()
             raise DefinitionError(
-                f"step {step!r} called wait({marker.signal!r}) but did not return it; "
-                f"write `return wait({marker.signal!r})` to suspend the run",
+                f"step {step!r} called {call} but did not return it; "
+                f"write `return {call}` to suspend the run",
                 step=step,
             )
 
@@ -231,7 +232,7 @@ async def call_handler(
     executor: Callable[[], Executor],
 ) -> Any:
     """Run one attempt of ``fn``; return its result or raise its error."""
-    made: list[WaitMarker] = []
+    made: list[Marker] = []
     token = MADE_WAITS.set(made)
     try:
         if fn_is_async and timeout is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 from ._trace import _Log
 from .storage._base import Store
@@ -30,9 +31,17 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_renewal = time.monotonic()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        # Told (on the event loop) of a cancel or pause asked of a held run by anyone.
+        self.on_request: Callable[[str, str], None] = lambda run_id, kind: None
 
     def hold(self, run_id: str, fence: int) -> None:
-        """Start renewing ``run_id`` under ``fence``."""
+        """Start renewing ``run_id`` under ``fence`` (called on the event loop)."""
+        if self._event_loop is None:
+            try:
+                self._event_loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # held from outside a loop (tests): requests are not forwarded
         with self._guard:
             self._held[run_id] = fence
             self._lost.discard(run_id)
@@ -62,14 +71,21 @@ class LeaseKeeper:
         if not fences:
             return
         try:
-            lost = self._store.renew_leases(self._owner, fences, self._lease).lost
+            renewed = self._store.renew_leases(self._owner, fences, self._lease)
         except Exception as exc:
             # The next save checks the fence anyway; a failed renewal only risks expiry.
             self._log.error("lease renewal failed", exc)
             return
-        if lost:
+        if renewed.lost:
             with self._guard:
-                self._lost |= {r for r in lost if r in self._held}
+                self._lost |= {r for r in renewed.lost if r in self._held}
+        loop = self._event_loop
+        if renewed.requested and loop is not None and not loop.is_closed():
+            for run_id, kind in renewed.requested.items():
+                try:
+                    loop.call_soon_threadsafe(self.on_request, run_id, kind)
+                except RuntimeError:
+                    return  # the loop closed meanwhile
 
     def _loop(self) -> None:
         interval = self._lease / 3

@@ -53,6 +53,15 @@ class Registry:
         self._by_name[definition.name] = definition
         return definition
 
+    def adopt(self, flow: FlowLike) -> WorkflowDefinition:
+        """Resolve ``flow``, and register it if no workflow has its name yet: a run
+        started with a builder must be woken (from a sleep, by a signal) by the scheduler,
+        which drives only registered workflows."""
+        definition = self.resolve(flow)
+        if definition.name not in self._by_name:
+            self._by_name[definition.name] = definition
+        return definition
+
     def resolve(self, flow: FlowLike) -> WorkflowDefinition:
         """The definition a call's ``flow`` argument stands for.
 

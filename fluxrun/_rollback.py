@@ -70,21 +70,11 @@ class RollbackDriver(DriverBase):
         self.error = failed.error
         return await self.rollback(index, info.message)
 
-
-    def pivot(self, before: int) -> int | None:
-        """The last completed commit step before index ``before``, if any."""
-        for index in range(before - 1, -1, -1):
-            row = self.rows.get(index)
-            if (
-                self.definition.steps[index].commit
-                and row is not None
-                and row.status == _COMPLETED
-            ):
-                return index
-        return None
-
-    async def rollback(self, failed_index: int, message: str) -> FluxResult:
-        """Compensate the completed steps before ``failed_index`` back to the pivot, then end."""
+    async def rollback(
+        self, failed_index: int, message: str, *, ending: WorkflowStatus | None = None
+    ) -> FluxResult:
+        """Compensate the completed steps before ``failed_index`` back to the pivot, then end
+        (``ending``: the status a cancel ends in, whatever was compensated)."""
         await self.event(
             "workflow:rollback_start", status=WorkflowStatus.ROLLING_BACK.value, error=message
         )
@@ -104,6 +94,11 @@ class RollbackDriver(DriverBase):
             if failure is not None:
                 return failure
             compensated += 1
+        if ending is not None:
+            await self.save(status=ending, completed_at=utcnow(), release=True, requested=None)
+            if compensated:
+                await self.event("workflow:rollback_complete", status=ending.value)
+            return await self._error_end(ending, message)
         if pivot is not None:
             return await self._stop_at_pivot(failed_index, pivot, message, compensated)
         status = WorkflowStatus.ROLLED_BACK if compensated else WorkflowStatus.FAILED
@@ -219,6 +214,18 @@ class RollbackDriver(DriverBase):
             attempts=(log,),
         )
         return await self._error_end(WorkflowStatus.COMPENSATION_FAILED, text)
+
+    async def give_up(self, message: str) -> FluxResult:
+        """End a run whose executors kept crashing (``max_recoveries``) ``failed``."""
+        self.error = FluxError(message, workflow_id=self.id, workflow_name=self.definition.name)
+        await self.save(
+            status=WorkflowStatus.FAILED, error=message, completed_at=utcnow(), release=True
+        )
+        self.emitter.log.error(f"{self.label}: {message}")
+        await self.event(
+            "workflow:error", status=WorkflowStatus.FAILED.value, error=message, duration_ms=0.0
+        )
+        return self.result()
 
     async def _error_end(self, status: WorkflowStatus, message: str) -> FluxResult:
         if self.error is None:

@@ -12,19 +12,21 @@ step writes only what it changed and a failed attempt's half-made changes are th
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import time
+from dataclasses import replace
 from typing import Any
 
-from ._codec import encode
-from ._context import WaitMarker
+from ._codec import decode, encode
+from ._context import SleepMarker, WaitMarker
 from ._definition import StepDefinition
-from ._driver import Failed, Settings, utcnow
+from ._driver import Failed, Interrupted, Released, Settings, utcnow
 from ._records import FluxResult, StepStatus, WorkflowStatus
 from ._rollback import RollbackDriver
 from ._state import entry
-from .errors import EngineClosedError, SerializationError
-from .storage._base import Claim, StepRow
+from .errors import EngineClosedError, FluxError, SerializationError
+from .storage._base import Claim, SignalRef, StepRow
 
 __all__ = ["RunDriver", "Settings", "claim_for", "utcnow"]
 
@@ -34,11 +36,14 @@ _COMPLETED = StepStatus.COMPLETED.value
 class RunDriver(RollbackDriver):
     """Drives one run of ``definition`` that this executor owns (``fence``)."""
 
-    async def forward(self, start: int) -> FluxResult:
-        """Run the steps from ``start`` to the end, a suspension or a failure."""
+    async def forward(self, start: int, first_attempt: int = 1) -> FluxResult:
+        """Run the steps from ``start`` (its first attempt numbered ``first_attempt``) to the
+        end, a suspension, a pause, a cancel or a failure."""
         steps = self.definition.steps
         index = start
         while index < len(steps):
+            if self.request is not None:
+                return await self.on_request()
             if self.settings.closing():
                 raise EngineClosedError(
                     f"run {self.id!r}: the engine was closed before step "
@@ -63,11 +68,46 @@ class RunDriver(RollbackDriver):
                 )
                 index += 1
                 continue
-            outcome = await self._step(index, step)
+            outcome = await self._step(index, step, first_attempt if index == start else 1)
             if outcome is not None:
                 return outcome
             index += 1
+        if self.request == "cancel":
+            return await self.on_request()
         return await self._complete()
+
+    async def on_request(self) -> FluxResult:
+        """Carry out a cancel or pause asked of this run, at a step boundary."""
+        if self.request == "cancel":
+            return await self.cancel(self.request_reason)
+        self.emitter.log.info(f"{self.label} paused at step {self.names[self.current_step]!r}")
+        await self.save(status=WorkflowStatus.PAUSED, requested=None, release=True)
+        self.request = None
+        return self.result()
+
+    async def cancel(self, reason: str | None) -> FluxResult:
+        """Compensate the completed steps back to the pivot (rule 11); end ``cancelled``."""
+        if reason is None:
+            # Asked from elsewhere (seen by a lease renewal): the reason is with the run.
+            stored = await self.store.load(self.id)
+            reason = stored.request_reason if stored is not None else None
+        message = "cancelled" + (f": {reason}" if reason else "")
+        self.emitter.log.warning(f"{self.label} {message}")
+        self.error = FluxError(
+            f"run {self.id!r} was {message}",
+            workflow_id=self.id,
+            workflow_name=self.definition.name,
+        )
+        self.request = "cancel"
+        if self.status is not WorkflowStatus.ROLLING_BACK:
+            await self.save(
+                status=WorkflowStatus.ROLLING_BACK,
+                error=message,
+                wait_name=None,
+                wait_kind=None,
+                run_after=None,
+            )
+        return await self.rollback(len(self.names), message, ending=WorkflowStatus.CANCELLED)
 
     async def _condition(self, index: int, step: StepDefinition) -> bool | FluxResult:
         """Evaluate ``when``: True/False, or the result of failing the step on its error."""
@@ -84,7 +124,7 @@ class RunDriver(RollbackDriver):
         await self.emitter.hook("step_start", step.name, ctx)
         return await self.fail(index, step, failure, time.perf_counter())
 
-    async def _step(self, index: int, step: StepDefinition) -> FluxResult | None:
+    async def _step(self, index: int, step: StepDefinition, first: int) -> FluxResult | None:
         """Run one step; None means go on with the next one."""
         emitter = self.emitter
         if step.when is not None:
@@ -116,16 +156,20 @@ class RunDriver(RollbackDriver):
         started = utcnow()
         t0 = time.perf_counter()
         try:
-            result, changes, ctx, attempts, _ = await self.attempts(index, step)
+            result, changes, ctx, attempts, _ = await self.attempts(index, step, first=first)
         except Failed as failed:
             failure: Failed | None = failed
+        except Interrupted:
+            return await self.on_request()
+        except Released:
+            return self.result()
         else:
             failure = None
         if failure is not None:
             # Outside the except block, so that compensations' errors are not chained to it.
             return await self.fail(index, step, failure, t0)
         duration = (time.perf_counter() - t0) * 1000.0
-        if isinstance(result, WaitMarker):
+        if isinstance(result, WaitMarker | SleepMarker):
             return await self._suspend(index, step, result, changes, started, duration, attempts)
         try:
             output = None
@@ -174,24 +218,48 @@ class RunDriver(RollbackDriver):
         self,
         index: int,
         step: StepDefinition,
-        marker: WaitMarker,
+        marker: WaitMarker | SleepMarker,
         changes: str | None,
         started: Any,
         duration: float,
         attempts: int,
-    ) -> FluxResult:
+    ) -> FluxResult | None:
+        """Suspend the run on a wait or a sleep; None if it goes on at once (the signal was
+        in the inbox already, or the sleep is over)."""
+        now = utcnow()
+        taken = None
+        if isinstance(marker, WaitMarker):
+            signal = marker.signal
+            wake = None if marker.timeout is None else now + dt.timedelta(seconds=marker.timeout)
+            # A signal sent before the run got here waits in the inbox: take it now.
+            taken = await self.store.first_signal(self.id, signal)
+        else:
+            signal = None
+            wake = marker.until or now + dt.timedelta(seconds=marker.seconds or 0.0)
         row = StepRow(
             index=index,
             name=step.name,
             status=StepStatus.SUSPENDED.value,
             started_at=started,
-            suspended_at=utcnow(),
-            waiting_for=marker.signal,
+            suspended_at=now,
+            waiting_for=signal,
             duration_ms=duration,
             retries=attempts - 1,
             changes=changes,
             fence=self.fence,
         )
+        if taken is not None or (signal is None and wake is not None and wake <= now):
+            output = None if taken is None else taken.payload
+            done = replace(row, status=_COMPLETED, completed_at=now, output=output)
+            if signal is not None and taken is not None:
+                self.signals[signal] = decode(taken.payload)
+            await self.save(
+                status=WorkflowStatus.RUNNING,
+                insert_step=done,
+                consume_signal=None if taken is None else SignalRef(taken.seq, index),
+            )
+            self.tracked.accept()
+            return None
         await self.event(
             "step:suspend",
             step_name=step.name,
@@ -199,12 +267,18 @@ class RunDriver(RollbackDriver):
             commit=step.commit,
             duration_ms=duration,
             status=StepStatus.SUSPENDED.value,
-            meta={"signal": marker.signal},
+            meta={"signal": signal}
+            if wake is None
+            else {"signal": signal, "wakeAt": wake.isoformat()},
         )
+        self.wait_kind = "signal" if signal is not None else "sleep"
         await self.save(
+            updated_at=now,
             status=WorkflowStatus.SUSPENDED,
             insert_step=row,
-            wait_name=marker.signal,
+            wait_name=signal,
+            wait_kind=self.wait_kind,
+            run_after=wake,
             release=True,
         )
         self.tracked.accept()
@@ -226,7 +300,15 @@ class RunDriver(RollbackDriver):
         return self.result()
 
 
+def _wait_meta(signal: str | None, wake: dt.datetime | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if signal is not None:
+        meta["signal"] = signal
+    if wake is not None:
+        meta["wakeAt"] = wake.isoformat()
+    return meta
+
+
 def claim_for(settings: Settings) -> Claim:
     """The claim this executor makes on a run it takes over."""
     return Claim(owner=settings.owner, lease_seconds=settings.lease_seconds)
-

@@ -71,9 +71,7 @@ class SyncFluxEngine:
         """Run again from a step (see :meth:`FluxEngine.retry_step`)."""
         return self._call(self.engine.retry_step(flow, run_id, step))
 
-    def skip_compensation(
-        self, flow: FlowLike, run_id: str, step: str, *, note: str
-    ) -> FluxResult:
+    def skip_compensation(self, flow: FlowLike, run_id: str, step: str, *, note: str) -> FluxResult:
         """Record a failed compensation as done by hand (see
         :meth:`FluxEngine.skip_compensation`)."""
         return self._call(self.engine.skip_compensation(flow, run_id, step, note=note))

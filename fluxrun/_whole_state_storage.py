@@ -16,10 +16,11 @@ a run read back after a restart starts with an empty log. ``delete`` refuses a r
 process is executing right now (:class:`~fluxrun.errors.RunBusyError`), like every store.
 
 The scheduling verbs (``start``, ``claim_due``, ``next_due``, ``send_signal``, ``request``)
-raise :class:`~fluxrun.errors.StorageError`: a whole-state store has no atomic
-insert-or-observe, no claim over sets of runs and no signal inbox, and answering them from
-the in-process cache would lose signals and requests on a restart. ``counts`` is computed
-from ``list``; a run has no inbox, so ``list_signals`` is empty and ``first_signal`` None.
+work on the in-process cache: a whole-state store has no atomic insert-or-observe, no claim
+over sets of runs and no signal inbox. The unfinished runs of a workflow are read in from the
+user's storage on the first claim for it (so a restarted process continues them); timers
+and runs' states are written through, but a signal sent before its run waits for it and a
+pending cancel or pause live only in this process. ``counts`` is computed from ``list``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ._records import StepStatus, WorkflowFilter, WorkflowState
 from ._state import changes_text, to_state
 from .errors import StorageError
 from .storage._base import (
+    FINISHED_STATUSES,
     Applied,
     AttemptRow,
     ListQuery,
@@ -129,6 +131,7 @@ class WholeStateStorageAdapter(Store):
     def __init__(self, storage: Any) -> None:
         self.user = storage
         self._cache = MemoryStorage()
+        self._imported: set[str] = set()
 
     async def init(self) -> None:
         """Call the user's ``init`` if it has one."""
@@ -248,11 +251,16 @@ class WholeStateStorageAdapter(Store):
         """Leases live in the in-process cache."""
         return self._cache.renew_leases(owner, fences, lease_seconds)
 
-    def _unsupported(self, verb: str) -> StorageError:
-        return StorageError(
-            f"{verb} is not supported by a WorkflowStorage ({type(self.user).__name__}): "
-            "use SQLiteStorage or PostgresStorage for scheduling, signals and requests"
-        )
+    async def _import_unfinished(self, names: Sequence[str]) -> None:
+        """Bring the unfinished runs of these workflows from the user's storage into the
+        cache, once per workflow name: after that this process's cache is their truth."""
+        for name in names:
+            if name in self._imported:
+                continue
+            for row in await self.list_runs(ListQuery(name=name)):
+                if row.status not in FINISHED_STATUSES:
+                    await self._cached(row.id)
+            self._imported.add(name)
 
     async def start(
         self,
@@ -263,36 +271,54 @@ class WholeStateStorageAdapter(Store):
         idempotency_key: str | None = None,
         input_hash: str | None = None,
     ) -> Started:
-        """Not supported (see the module)."""
-        raise self._unsupported("start")
+        """Insert-or-observe among the runs this process knows (single process only)."""
+        await self._cached(run.id)  # a run with this id in the user's storage counts
+        started = await self._cache.start(
+            run,
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
+            idempotency_key=idempotency_key,
+            input_hash=input_hash,
+        )
+        if started.created:
+            await self._write_through(run.id)
+        return started
 
     async def claim_due(
         self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[RunRow]:
-        """Not supported (see the module)."""
-        raise self._unsupported("claim_due")
+        """Claim due runs among the runs this process knows (the user's unfinished runs are
+        read in on the first call for each workflow)."""
+        await self._import_unfinished(names)
+        claimed = await self._cache.claim_due(owner, names, limit, lease_seconds)
+        for row in claimed:
+            await self._write_through(row.id)
+        return claimed
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
-        """Not supported (see the module)."""
-        raise self._unsupported("next_due")
+        """The earliest timer among the runs this process knows."""
+        return await self._cache.next_due(names)
 
     async def send_signal(
         self, run_id: str, name: str, payload: str, dedupe_key: str | None = None
     ) -> SignalSent:
-        """Not supported (see the module)."""
-        raise self._unsupported("send_signal")
+        """Into the run's inbox in this process (a WorkflowState has no inbox: a signal not
+        yet taken is lost if the process stops)."""
+        await self._cached(run_id)
+        return await self._cache.send_signal(run_id, name, payload, dedupe_key)
 
     async def list_signals(self, run_id: str) -> list[SignalRow]:
-        """A whole-state run has no inbox: always empty."""
-        return []
+        """The inbox this process holds for the run."""
+        return await self._cache.list_signals(run_id)
 
     async def first_signal(self, run_id: str, name: str) -> SignalRow | None:
-        """A whole-state run has no inbox: always None."""
-        return None
+        """The oldest signal of that name waiting in this process's inbox for the run."""
+        return await self._cache.first_signal(run_id, name)
 
     async def request(self, run_id: str, kind: RequestKind, reason: str | None = None) -> bool:
-        """Not supported (see the module)."""
-        raise self._unsupported("request")
+        """A cancel or pause, kept in this process."""
+        await self._cached(run_id)
+        return await self._cache.request(run_id, kind, reason)
 
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status, from the user's storage."""

@@ -20,6 +20,8 @@ The tree::
     │   └── EngineClosedError           the engine closed while it was driving the run
     ├── CommittedStepError              a completed commit step cannot run again
     ├── StepTimeoutError                an attempt ran past its timeout
+    ├── WaitTimeoutError                a wait(name, timeout=...) saw no signal in time
+    ├── IdempotencyConflictError        a start reused an idempotency key with another input
     ├── NonRetryableError               raised by a step to skip its remaining attempts
     ├── CompensationError               a compensation failed after its retries
     ├── ConcurrentModificationError     a write was based on a stale version
@@ -44,6 +46,7 @@ __all__ = [
     "EmptyWorkflowError",
     "EngineClosedError",
     "FluxError",
+    "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidInputError",
     "InvalidStateError",
@@ -58,6 +61,7 @@ __all__ = [
     "StepTimeoutError",
     "StorageError",
     "UnknownWorkflowError",
+    "WaitTimeoutError",
     "WorkflowDefinitionChangedError",
     "WorkflowNameMismatchError",
     "WorkflowNotFoundError",
@@ -189,6 +193,16 @@ class CommittedStepError(FluxError):
 
 class StepTimeoutError(FluxError, TimeoutError):
     """A step attempt exceeded its timeout."""
+
+
+class WaitTimeoutError(FluxError, TimeoutError):
+    """A ``wait(name, timeout=...)`` saw no signal in time; it fails the waiting step (whose
+    retries and compensation apply as for any error)."""
+
+
+class IdempotencyConflictError(FluxError):
+    """A start named an idempotency key (or run id) already used by a run of the same
+    workflow with a different input; nothing was started."""
 
 
 class NonRetryableError(FluxError):

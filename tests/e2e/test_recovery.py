@@ -403,7 +403,14 @@ def _other_engine_while_b_blocks(
 
     async def main() -> None:
         try:
-            async with make_engine(p.db, clock=clock) as other:
+            # Only looking (recover=False): with no workflow registered its scheduler claims
+            # nothing, where it would take the run over and block in step b.
+            other_engine = (
+                make_engine(p.db, clock=clock)
+                if recover
+                else FluxEngine(storage=SQLiteStorage(p.db, clock=clock), lease=LEASE)
+            )
+            async with other_engine as other:
 
                 async def renewed() -> bool:
                     start = rounds[0]
@@ -494,7 +501,10 @@ def _poll_in_thread(
     from when ``start_when()`` holds."""
 
     async def main() -> None:
-        async with make_engine(db) as other:
+        # Without recover, it only looks: an engine with no workflows registered has a
+        # scheduler that claims nothing.
+        engine = make_engine(db) if recover else FluxEngine(storage=SQLiteStorage(db), lease=LEASE)
+        async with engine as other:
             while not stop.is_set():
                 if start_when():
                     if recover:

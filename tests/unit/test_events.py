@@ -202,8 +202,10 @@ async def test_suspension_and_signal_order(spied: FluxEngine, recorder: Recorder
     recorder.log.clear()
     result = await spied.signal(flow, run.id, "go", {"ok": True})
     assert result.status == WorkflowStatus.COMPLETED
-    # No workflow:start on a signal; the waiting step's completion is saved, then announced.
+    # No workflow:start on a signal; the run is claimed, the waiting step's completion (it
+    # takes the signal from the inbox) is saved, then announced.
     assert recorder.log == [
+        "save suspended",
         "save running hold:completed",
         "event signal:received hold",
         *step_success("b"),

@@ -494,7 +494,8 @@ async def test_attempts_are_spaced_by_the_policy_delay(engine: FluxEngine) -> No
 async def test_default_policy_waits_exponentially_from_one_second_with_jitter(
     engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = await engine_factory(retry_policy=None)
+    # Every wait in memory here (the ones over durable_backoff are kept in the store).
+    engine = await engine_factory(retry_policy=None, durable_backoff=60)
     waits: list[float] = []
 
     async def no_wait(delay: float, result: Any = None) -> Any:

@@ -1,0 +1,219 @@
+"""Starting runs and asking things of them: ``start`` (idempotent), the signal inbox,
+cancel, pause and unpause, and :class:`RunHandle`. These only write rows (and wake the
+local scheduler); the scheduler, or the caller through ``execute``, drives the runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._codec import decode, encode
+from ._definition import WorkflowDefinition
+from ._driver import utcnow
+from ._records import FluxResult, WorkflowState, WorkflowStatus
+from ._runtime import Runtime
+from ._state import to_state
+from .errors import (
+    IdempotencyConflictError,
+    InvalidArgumentError,
+    InvalidStateError,
+    WorkflowNameMismatchError,
+    WorkflowNotFoundError,
+)
+from .storage._base import FINISHED_STATUSES, RunRow
+
+if TYPE_CHECKING:
+    from ._engine import FluxEngine
+
+__all__ = ["NewRun", "RunHandle", "prepare_run", "request_run", "send_signal", "start_run"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A validated new run, before it is stored."""
+
+    row: RunRow
+    typed: Any
+    plain: Any
+    input_hash: str
+
+
+def _input_hash(text: str) -> str:
+    # Key order does not make two inputs different (the same order from two processes may
+    # be built in another order).
+    canonical = json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def prepare_run(
+    rt: Runtime,
+    definition: WorkflowDefinition,
+    input: Any,
+    *,
+    run_id: str | None,
+    idempotency_key: str | None,
+    delay: float | None,
+) -> NewRun:
+    """Validate and encode a new run's input; nothing is stored.
+
+    Raises:
+        InvalidInputError: the input failed validation or cannot be stored.
+    """
+    spec = definition.input_spec
+    typed = input if spec is None else spec.validate(input, definition.name)
+    plain = typed if spec is None else spec.to_plain(typed)
+    input_text = encode(plain, what="input", max_size=rt.settings.max_value_size)
+    plain = decode(input_text)
+    if spec is None:
+        typed = plain
+    now = utcnow()
+    row = RunRow(
+        id=run_id if run_id is not None else str(uuid.uuid4()),
+        name=definition.name,
+        status=WorkflowStatus.PENDING.value,
+        input=input_text,
+        step_names=definition.step_names,
+        current_step=0,
+        created_at=now,
+        updated_at=now,
+        version=1,
+        fence=1,
+        definition_version=definition.version,
+        run_after=None if not delay else now + dt.timedelta(seconds=delay),
+        idempotency_key=idempotency_key,
+    )
+    hashed = _input_hash(input_text) if run_id is not None or idempotency_key else ""
+    return NewRun(row=row, typed=typed, plain=plain, input_hash=hashed)
+
+
+async def start_run(rt: Runtime, new: NewRun, *, own: bool) -> tuple[str, bool]:
+    """Store ``new`` (owned by this engine when ``own``) unless a run with its id or
+    idempotency key exists; return the run's id and whether it was created here.
+
+    Raises:
+        IdempotencyConflictError: that run exists with another input.
+        WorkflowNameMismatchError: a run with this id belongs to another workflow.
+    """
+    row = new.row
+    owner = rt.settings.owner if own else None
+    if not new.input_hash:
+        await rt.store.create(row, lease_owner=owner, lease_seconds=rt.settings.lease_seconds)
+        return row.id, True
+    started = await rt.store.start(
+        row,
+        lease_owner=owner,
+        lease_seconds=rt.settings.lease_seconds,
+        idempotency_key=row.idempotency_key,
+        input_hash=new.input_hash,
+    )
+    if started.created:
+        return started.run_id, True
+    existing = await rt.store.load(started.run_id)
+    if existing is not None and existing.name != row.name:
+        raise WorkflowNameMismatchError(
+            f"run {started.run_id!r} exists and belongs to workflow {existing.name!r}, not "
+            f"{row.name!r}",
+            workflow_id=started.run_id,
+            workflow_name=row.name,
+        )
+    if started.input_hash is not None and started.input_hash != new.input_hash:
+        by = (
+            f"idempotency key {row.idempotency_key!r}"
+            if row.idempotency_key is not None
+            else f"id {row.id!r}"
+        )
+        raise IdempotencyConflictError(
+            f"a run of {row.name!r} with {by} exists ({started.run_id!r}) with a different "
+            "input; nothing was started",
+            workflow_id=started.run_id,
+            workflow_name=row.name,
+        )
+    return started.run_id, False
+
+
+async def send_signal(
+    rt: Runtime, run_id: str, name: str, payload: Any, dedupe_key: str | None
+) -> bool:
+    """Put a signal in a run's inbox; False if ``dedupe_key`` was seen for that run."""
+    text = encode(payload, what=f"payload of signal {name!r}", max_size=rt.settings.max_value_size)
+    sent = await rt.store.send_signal(run_id, name, text, dedupe_key)
+    if sent.created:
+        rt.on_idle()  # the run may be due now, and this process may be the one to drive it
+    return sent.created
+
+
+async def request_run(rt: Runtime, run_id: str, kind: str, reason: str | None) -> bool:
+    """Ask for a cancel or pause of a run; False if the run is already finished."""
+    asked = await rt.store.request(run_id, kind, reason)  # type: ignore[arg-type]
+    if asked:
+        # The driver here (if any) acts at once; otherwise a claimer sees it in the row.
+        if not rt.interrupt(run_id, kind, reason):
+            rt.on_idle()
+    return asked
+
+
+class RunHandle:
+    """A run started (or found) by ``start`` or ``handle``: wait for its result, read it.
+
+    ``await handle.result(timeout=None)`` returns once the run is finished (``completed``,
+    ``failed``, ``rolled_back``, ``compensation_failed``, ``cancelled``) or needs something
+    from outside (suspended on a signal, ``paused``), whichever process drives it; it waits
+    through sleeps and retry backoffs.
+    """
+
+    __slots__ = ("_engine", "created", "id")
+
+    def __init__(self, engine: FluxEngine, run_id: str, *, created: bool = False) -> None:
+        self._engine = engine
+        self.id = run_id
+        self.created = created
+
+    async def result(self, timeout: float | dt.timedelta | None = None) -> FluxResult:
+        """Wait for the run's result (see the class docstring).
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the run goes on).
+            WorkflowNotFoundError: the run does not exist (or was deleted).
+        """
+        if isinstance(timeout, dt.timedelta):
+            timeout = timeout.total_seconds()
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise InvalidArgumentError(
+                f"result timeout must be seconds >= 0 or None, got {timeout!r}"
+            )
+        return await self._engine._runtime.wait_result(self.id, timeout)
+
+    async def state(self) -> WorkflowState:
+        """The run as stored now."""
+        row = await self._engine.storage.load(self.id)
+        if row is None:
+            raise WorkflowNotFoundError(f"Workflow not found: {self.id}", workflow_id=self.id)
+        return to_state(row, self._engine._spec_for(row.name))
+
+    async def send_signal(
+        self, name: str, payload: Any = None, *, dedupe_key: str | None = None
+    ) -> bool:
+        """``engine.send_signal`` for this run."""
+        return await self._engine.send_signal(self.id, name, payload, dedupe_key=dedupe_key)
+
+    async def cancel(self, *, reason: str | None = None) -> bool:
+        """``engine.cancel`` for this run."""
+        return await self._engine.cancel(self.id, reason=reason)
+
+    def __repr__(self) -> str:
+        return f"RunHandle(id={self.id!r})"
+
+
+def check_unfinished(row: RunRow) -> None:
+    """Refuse an action on a finished run."""
+    if row.status in FINISHED_STATUSES:
+        raise InvalidStateError(
+            f"run {row.id!r} is {row.status}", workflow_id=row.id, workflow_name=row.name
+        )

@@ -1,0 +1,428 @@
+"""A run's state machine: every decision about its next transition, and no I/O.
+
+:class:`RunMachine` is what a driver knows about one run it owns (version, fence, status, the
+recorded step rows, the history) and builds each :class:`Transition` the driver commits;
+:meth:`RunMachine.record` folds a committed one back in. :func:`decide` says what a run that
+has just been claimed needs (continue forward, wake from a sleep, take a signal, time out a
+wait, finish a rollback, cancel, pause, give up, or nothing yet), and the ``*_transition``
+functions build the claims of the operator actions (``signal``, ``resume``, continuing a
+rollback). The driver (:mod:`fluxrun._runner` and its bases) runs user code, commits what
+this module decides, and tells hooks, sinks and the log; the scheduler and the actions only
+claim runs and hand them over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._definition import WorkflowDefinition
+from ._records import StepExecution, StepStatus, WorkflowStatus
+from ._state import entry
+from .errors import (
+    CommittedStepError,
+    InvalidStepIndexError,
+    StepNotFoundError,
+    WorkflowNotSuspendedError,
+)
+from .storage._base import (
+    KEEP,
+    Applied,
+    AttemptRow,
+    Claim,
+    Keep,
+    RunRow,
+    SignalRef,
+    SignalRow,
+    StepRow,
+    Transition,
+)
+
+__all__ = [
+    "Cancel",
+    "Decision",
+    "Deliver",
+    "Forward",
+    "GiveUp",
+    "Park",
+    "Pause",
+    "Rest",
+    "Rollback",
+    "RunMachine",
+    "TimedOut",
+    "WakeSleep",
+    "decide",
+    "failed_index",
+    "first_unrecorded",
+    "start_index",
+    "waiting_row",
+]
+
+_COMPLETED = StepStatus.COMPLETED.value
+_SUSPENDED = StepStatus.SUSPENDED.value
+_RUNNING = WorkflowStatus.RUNNING.value
+
+
+@functools.lru_cache(maxsize=4096)
+def _pending(name: str) -> StepExecution:
+    """The history entry of a step not reached yet; immutable, so runs share one per name."""
+    return StepExecution(name=name)
+
+
+class RunMachine:
+    """The state of one owned run, and the transitions that move it."""
+
+    def __init__(
+        self,
+        *,
+        definition: WorkflowDefinition,
+        run_id: str,
+        version: int,
+        fence: int,
+        status: WorkflowStatus,
+        rows: dict[int, StepRow],
+    ) -> None:
+        self.definition = definition
+        self.id = run_id
+        self.version = version
+        self.fence = fence
+        self.status = status
+        self.rows = rows
+        self.current_step = 0
+        self.names = definition.step_names
+        self.history: list[StepExecution] = [
+            entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
+        ]
+
+    def transition(
+        self,
+        *,
+        status: WorkflowStatus | Keep = KEEP,
+        insert_step: StepRow | None = None,
+        update_step: StepRow | None = None,
+        error: str | Keep | None = KEEP,
+        completed_at: dt.datetime | Keep | None = KEEP,
+        wait_name: str | Keep | None = KEEP,
+        release: bool = False,
+        attempts: tuple[AttemptRow, ...] = (),
+        run_after: dt.datetime | Keep | None = KEEP,
+        wait_kind: str | Keep | None = KEEP,
+        attempt: int | Keep = KEEP,
+        requested: Keep | None = KEEP,
+        consume_signal: SignalRef | None = None,
+        delete_steps_from: int | None = None,
+        updated_at: dt.datetime,
+    ) -> Transition:
+        """One fenced write of this run as the machine last saw it."""
+        if status is self.status:
+            # Unchanged (a fenced write applies only to the run as this driver last saw it):
+            # writing it again would make the SQL stores rewrite their status indexes.
+            status = KEEP
+        return Transition(
+            run_id=self.id,
+            expected_version=self.version,
+            updated_at=updated_at,
+            fence=self.fence,
+            status=status if isinstance(status, Keep) else status.value,
+            current_step=self.current_step,
+            error=error,
+            completed_at=completed_at,
+            wait_name=wait_name,
+            insert_step=insert_step,
+            update_step=update_step,
+            # No lease renewal here: the LeaseKeeper thread does it, and leaving lease_until
+            # alone lets PostgreSQL update the run row in place (no index writes per step).
+            release=release,
+            attempts=attempts,
+            run_after=run_after,
+            wait_kind=wait_kind,
+            attempt=attempt,
+            requested=requested,
+            consume_signal=consume_signal,
+            delete_steps_from=delete_steps_from,
+        )
+
+    def record(self, t: Transition, applied: Applied) -> None:
+        """Fold a committed transition into the machine's state."""
+        self.version = applied.version
+        if not isinstance(t.status, Keep):
+            self.status = WorkflowStatus(t.status)
+        for row in (t.insert_step, t.update_step):
+            if row is not None:
+                self.rows[row.index] = row
+                self.history[row.index] = entry(row)
+
+    def pivot(self, before: int) -> int | None:
+        """The last completed commit step before index ``before``, if any (rule 11)."""
+        steps = self.definition.steps
+        for index in range(before - 1, -1, -1):
+            row = self.rows.get(index)
+            if steps[index].commit and row is not None and row.status == _COMPLETED:
+                return index
+        return None
+
+    def committed_already(self, index: int) -> bool:
+        """Whether step ``index`` is a commit step that completed (it never runs again)."""
+        row = self.rows.get(index)
+        return row is not None and self.definition.steps[index].commit and row.status == _COMPLETED
+
+
+# -- what a claimed run needs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Run the steps from ``start``; the first at attempt ``attempt`` (a durable backoff or a
+    crash kept the count)."""
+
+    start: int
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """Carry on the rollback that the failure of step ``failed`` started."""
+
+    failed: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Compensate (rule 11) and end the run ``cancelled``."""
+
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Mark the run ``paused`` and let it go."""
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Too many executor crashes in a row without progress: end the run ``failed``."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """The run cannot be continued by this definition (its steps changed)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeSleep:
+    """The sleep of step ``index`` is over."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """The wait of step ``index`` takes ``signal`` from the inbox."""
+
+    index: int
+    signal: SignalRow
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """The wait of step ``index`` saw no signal in time (its attempt ``attempt`` failed)."""
+
+    index: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rest:
+    """Nothing is due yet: put the run back as it was."""
+
+
+Decision = (
+    Forward | Rollback | Cancel | Pause | GiveUp | Park | WakeSleep | Deliver | TimedOut | Rest
+)
+
+
+def first_unrecorded(rows: Iterable[int]) -> int:
+    """The first step index without a recorded row."""
+    recorded = set(rows)
+    start = 0
+    while start in recorded:
+        start += 1
+    return start
+
+
+def decide(
+    row: RunRow,
+    definition: WorkflowDefinition,
+    *,
+    max_recoveries: int,
+    signal: SignalRow | None,
+    timer_due: bool,
+) -> Decision:
+    """What a run this executor has just claimed needs now.
+
+    ``row`` has its step rows; ``signal`` is the oldest unconsumed inbox row named by the
+    run's wait (if it waits for one); ``timer_due`` whether its ``run_after`` has come.
+    """
+    status = row.status
+    if tuple(row.step_names) != definition.step_names:
+        return Park(
+            f"cannot continue run {row.id!r}: workflow {row.name!r} changed its steps since "
+            f"the run started (stored {list(row.step_names)}, now "
+            f"{list(definition.step_names)})"
+        )
+    if row.requested == "cancel":
+        return Cancel(row.request_reason)
+    crashed = status in (_RUNNING, WorkflowStatus.PENDING.value, WorkflowStatus.ROLLING_BACK.value)
+    if crashed and row.claims > max_recoveries:
+        return GiveUp(
+            f"run gave up after {row.claims - 1} executor crashes in a row "
+            f"(max_recoveries={max_recoveries})"
+        )
+    if row.requested == "pause":
+        return Pause()
+    if status == WorkflowStatus.ROLLING_BACK.value:
+        return Rollback(*failed_index(row, len(definition.steps)))
+    if status == WorkflowStatus.SUSPENDED.value:
+        return _decide_waiting(row, signal, timer_due)
+    if status in (_RUNNING, WorkflowStatus.PENDING.value):
+        start = first_unrecorded(r.index for r in row.steps)
+        attempt = row.attempt + 1 if row.attempt and row.current_step == start else 1
+        return Forward(start, attempt)
+    return Rest()
+
+
+def _decide_waiting(row: RunRow, signal: SignalRow | None, timer_due: bool) -> Decision:
+    index = row.current_step
+    kind = row.wait_kind
+    if kind == "backoff":
+        return Forward(index, row.attempt + 1) if timer_due else Rest()
+    waiting = next((r for r in row.steps if r.index == index and r.status == _SUSPENDED), None)
+    if waiting is None:
+        return Rest()
+    if kind == "sleep":
+        return WakeSleep(index) if timer_due else Rest()
+    # A signal wait (kind "signal", or a run suspended before schema 3 recorded kinds).
+    if signal is not None:
+        return Deliver(index, signal)
+    if timer_due and row.run_after is not None:
+        return TimedOut(index, waiting.retries + 1)
+    return Rest()
+
+
+def wake_transition(row: RunRow, applied: Applied, index: int, now: dt.datetime) -> StepRow:
+    """The sleeping step ``index`` of a claimed run, completed at ``now``."""
+    waiting = next(r for r in row.steps if r.index == index)
+    return replace(waiting, status=_COMPLETED, completed_at=now, fence=applied.fence)
+
+
+def deliver_step(row: RunRow, applied: Applied, d: Deliver, now: dt.datetime) -> StepRow:
+    """The waiting step of a claimed run, completed with the signal's payload."""
+    waiting = next(r for r in row.steps if r.index == d.index)
+    return replace(
+        waiting,
+        status=_COMPLETED,
+        completed_at=now,
+        output=d.signal.payload,
+        fence=applied.fence,
+    )
+
+
+def signal_ref(d: Deliver) -> SignalRef:
+    """The inbox row a delivery consumes."""
+    return SignalRef(seq=d.signal.seq, step=d.index)
+
+
+# -- the claims of operator actions ------------------------------------------------------------
+
+
+def waiting_row(row: RunRow) -> StepRow:
+    """The suspended step of a run waiting for a signal (rule 10's checks)."""
+    if row.status != WorkflowStatus.SUSPENDED.value or row.wait_kind not in (None, "signal"):
+        raise WorkflowNotSuspendedError(
+            f"Workflow is not suspended on a signal (status: {row.status}"
+            + (f", waiting for {row.wait_kind}" if row.wait_kind else "")
+            + ")",
+            workflow_id=row.id,
+            workflow_name=row.name,
+            details={"status": row.status},
+        )
+    for r in row.steps:
+        if r.index == row.current_step and r.status == _SUSPENDED:
+            return r
+    raise WorkflowNotSuspendedError(
+        "Workflow state invalid: no suspended step found",
+        workflow_id=row.id,
+        workflow_name=row.name,
+        details={"status": row.status},
+    )
+
+
+def failed_index(row: RunRow, count: int) -> tuple[int, str]:
+    """The step whose failure started a rollback, and its stored message."""
+    for r in row.steps:
+        if r.status == StepStatus.FAILED.value:
+            return r.index, r.error or "step failed"
+    return count, row.error or "step failed"
+
+
+def _pivot_of(definition: WorkflowDefinition, row: RunRow) -> int | None:
+    """The last completed commit step before where a failed run stopped."""
+    for r in sorted(row.steps, key=lambda r: -r.index):
+        if r.index < row.current_step and definition.steps[r.index].commit:
+            if r.status == _COMPLETED:
+                return r.index
+    return None
+
+
+def start_index(definition: WorkflowDefinition, row: RunRow, from_step: int | str | None) -> int:
+    """Where ``resume`` continues a run (rule 15)."""
+    count = len(definition.steps)
+    if from_step is None:
+        pivot = _pivot_of(definition, row) if row.status == WorkflowStatus.FAILED.value else None
+        # A run failed after its commit step is finished forward from the step after it.
+        start = pivot + 1 if pivot is not None else min(max(row.current_step, 0), count - 1)
+    elif isinstance(from_step, str):
+        try:
+            start = definition.step_names.index(from_step)
+        except ValueError:
+            raise StepNotFoundError(
+                f"Step not found: {from_step}",
+                workflow_id=row.id,
+                workflow_name=definition.name,
+                step=from_step,
+            ) from None
+    else:
+        if not 0 <= from_step < count:
+            raise InvalidStepIndexError(
+                f"Invalid step index: {from_step} (the workflow has {count} steps)",
+                workflow_id=row.id,
+                workflow_name=definition.name,
+                details={"index": from_step},
+            )
+        start = from_step
+    step = definition.steps[start]
+    recorded = next((r for r in row.steps if r.index == start), None)
+    if step.commit and recorded is not None and recorded.status == _COMPLETED:
+        raise CommittedStepError(
+            f"step {step.name!r} is a commit step that already completed; it never runs "
+            "again in this run",
+            workflow_id=row.id,
+            workflow_name=definition.name,
+            step=step.name,
+        )
+    return start
+
+
+def claim_transition(row: RunRow, claim: Claim, now: dt.datetime, **patch: Any) -> Transition:
+    """Claim a stored (unowned) run as part of an operator action's first write."""
+    return Transition(
+        run_id=row.id, expected_version=row.version, updated_at=now, claim=claim, **patch
+    )

@@ -1,0 +1,471 @@
+"""What drives runs in one process: the services a driver needs, the runs driven now,
+continuing a claimed run, and waiting for a run's result.
+
+:class:`Runtime` is handed to the engine, the scheduler and the actions alike, so none of
+them reaches into another's private state. A claimed run goes through
+:meth:`Runtime.continue_claimed`: it loads the run, asks :func:`~fluxrun._machine.decide`
+what it needs and hands it to a :class:`~fluxrun._runner.RunDriver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._codec import decode
+from ._definition import WorkflowDefinition
+from ._driver import Failed, Released, rollback_data, utcnow
+from ._lease import LeaseKeeper
+from ._machine import (
+    Cancel,
+    Decision,
+    Deliver,
+    Forward,
+    GiveUp,
+    Park,
+    Pause,
+    Rest,
+    Rollback,
+    TimedOut,
+    WakeSleep,
+    decide,
+    deliver_step,
+    signal_ref,
+    wake_transition,
+)
+from ._records import TERMINAL_STATUSES, FluxResult, WorkflowStatus
+from ._registry import Registry
+from ._runner import RunDriver, Settings
+from ._state import history, replay_data
+from ._trace import Emitter
+from .errors import (
+    ConcurrentModificationError,
+    FluxError,
+    WaitTimeoutError,
+    WorkflowNotFoundError,
+    with_run,
+)
+from .storage._base import FINISHED_STATUSES, Applied, Claim, RunRow, Store, Transition
+
+__all__ = ["Runtime", "is_final", "wants_result"]
+
+PARK_SECONDS = 60.0
+"""How long a run this engine cannot continue (its workflow changed) is left before it is
+looked at (and logged) again."""
+
+_SUSPENDED = WorkflowStatus.SUSPENDED.value
+
+
+def wants_result(status: str, wait_kind: str | None) -> bool:
+    """Whether a caller waiting for a run's result gets it in this state: finished, paused,
+    or waiting for something from outside (a signal); not while it sleeps or backs off."""
+    if status in FINISHED_STATUSES or status == WorkflowStatus.PAUSED.value:
+        return True
+    return status == _SUSPENDED and wait_kind in (None, "signal")
+
+
+def is_final(result: FluxResult) -> bool:
+    """:func:`wants_result` for the outcome of a drive (a sleeping run's current step is
+    suspended on no signal; a run backing off has no suspended step)."""
+    if result.status is not WorkflowStatus.SUSPENDED:
+        return wants_result(result.status.value, None)
+    return any(h.status == _SUSPENDED and h.waiting_for is not None for h in result.history)
+
+
+class Runtime:
+    """The services, the runs in flight and the result waiters of one engine."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        emitter: Emitter,
+        settings: Settings,
+        keeper: LeaseKeeper,
+        registry: Registry,
+        max_recoveries: int,
+        poll_interval: float,
+    ) -> None:
+        self.store = store
+        self.emitter = emitter
+        self.settings = settings
+        self.keeper = keeper
+        self.registry = registry
+        self.max_recoveries = max_recoveries
+        self.poll_interval = poll_interval
+        # Runs driven now by this process -> their driver (close() and cancel() use it).
+        self.active: dict[str, RunDriver] = {}
+        self._ended: dict[str, asyncio.Event] = {}
+        self._watchers: dict[str, set[asyncio.Future[FluxResult]]] = {}
+        # Called when a drive ends (a slot frees up, or it made more work due).
+        self.on_idle: Callable[[], None] = lambda: None
+
+    # -- drivers ---------------------------------------------------------------------------
+
+    def new_driver(self, definition: WorkflowDefinition, **kw: Any) -> RunDriver:
+        """A driver for a run this engine has just created."""
+        return RunDriver(
+            definition=definition,
+            store=self.store,
+            emitter=self.emitter,
+            settings=self.settings,
+            keeper=self.keeper,
+            **kw,
+        )
+
+    def driver_from(
+        self, definition: WorkflowDefinition, row: RunRow, applied: Applied, **kw: Any
+    ) -> RunDriver:
+        """A driver for a stored run this engine has just claimed."""
+        spec = definition.input_spec
+        plain = decode(row.input)
+        return RunDriver.from_row(
+            row,
+            applied,
+            definition=definition,
+            input=plain if spec is None else spec.revive(plain),
+            input_plain=plain,
+            store=self.store,
+            emitter=self.emitter,
+            settings=self.settings,
+            keeper=self.keeper,
+            **kw,
+        )
+
+    async def drive(
+        self, driver: RunDriver, go: Callable[[RunDriver], Awaitable[FluxResult]]
+    ) -> FluxResult:
+        """Drive a claimed run; on any way out but a saved end, release it at once."""
+        self.keeper.hold(driver.id, driver.fence)
+        ended = asyncio.Event()
+        self._ended[driver.id] = ended
+        self.active[driver.id] = driver
+        driver.task = asyncio.current_task()
+        try:
+            result = await go(driver)
+        except BaseException as exc:
+            await self._release(driver, exc)
+            with_run(exc, driver.id, driver.definition.name)
+            raise
+        finally:
+            self.keeper.drop(driver.id)
+            self.active.pop(driver.id, None)
+            self._ended.pop(driver.id, None)
+            ended.set()
+            self.on_idle()
+        if driver.status not in TERMINAL_STATUSES:
+            # Its wake-up (a timer, a signal, an unpause) comes through the scheduler, which
+            # drives registered workflows only: a run started from a builder is adopted.
+            self.registry.adopt(driver.definition)
+        if wants_result(driver.status.value, driver.wait_kind):
+            self._settle(driver.id, result)
+        return result
+
+    async def _release(self, driver: RunDriver, exc: BaseException) -> None:
+        """Give up a run cut off by cancellation, close() or an unexpected error, so that it
+        is not left owned until its lease expires (a crash would be the only other way)."""
+        if isinstance(exc, ConcurrentModificationError) or driver.status in TERMINAL_STATUSES:
+            return  # not ours any more, or already released with its end
+        if driver.status is WorkflowStatus.SUSPENDED:
+            return
+        release = Transition(
+            run_id=driver.id,
+            expected_version=driver.version,
+            updated_at=utcnow(),
+            fence=driver.fence,
+            release=True,
+        )
+        try:
+            # Shielded: a cancelled caller still gets its run released.
+            await asyncio.shield(self.store.apply(release))
+        except BaseException as failure:
+            self.emitter.log.warning(
+                f"{driver.label}: could not release the run after "
+                f"{type(exc).__name__}; it is recovered when its lease expires ({failure!r})"
+            )
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no run is driven here."""
+        if not self._ended:
+            return
+        waiters = [asyncio.ensure_future(ev.wait()) for ev in self._ended.values()]
+        _, pending = await asyncio.wait(waiters, timeout=timeout)
+        for w in pending:
+            w.cancel()
+
+    def interrupt(self, run_id: str, kind: str, reason: str | None) -> bool:
+        """Tell the local driver of ``run_id`` (if any) of a cancel or pause."""
+        driver = self.active.get(run_id)
+        if driver is None:
+            return False
+        driver.interrupt(kind, reason)
+        return True
+
+    # -- continuing a claimed run ------------------------------------------------------------
+
+    async def drive_now(
+        self, run_id: str, definition: WorkflowDefinition | None = None
+    ) -> FluxResult:
+        """Claim a run and drive it here at once (a signal or unpause just made it due),
+        by ``definition`` (default: the registered one); if another executor has it, wait
+        for its result instead."""
+        row = await self.store.load(run_id)
+        if row is None:
+            raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
+        if definition is None and row.name in self.registry:
+            definition = self.registry[row.name]
+        if run_id not in self.active and definition is not None:
+            try:
+                applied = await self.store.apply(
+                    Transition(
+                        run_id=run_id,
+                        expected_version=row.version,
+                        updated_at=utcnow(),
+                        claim=Claim(self.settings.owner, self.settings.lease_seconds),
+                    )
+                )
+            except ConcurrentModificationError:
+                pass  # someone else drives it (or changed it): wait for what it comes to
+            else:
+                timer_due = row.run_after is not None and row.run_after <= utcnow()
+                outcome = await self.continue_claimed(
+                    run_id, definition, applied.fence, timer_due=timer_due
+                )
+                if outcome is not None and is_final(outcome):
+                    return outcome
+        return await self.wait_result(run_id, None)
+
+    async def unpause(self, row: RunRow) -> bool:
+        """Make a paused run due again (it continues where it stopped); False if the run
+        was not paused."""
+        if row.status != WorkflowStatus.PAUSED.value:
+            return False
+        await self.store.apply(
+            Transition(
+                run_id=row.id,
+                expected_version=row.version,
+                updated_at=utcnow(),
+                status=_SUSPENDED if row.wait_kind else WorkflowStatus.PENDING.value,
+                requested=None,
+            )
+        )
+        self.on_idle()
+        return True
+
+    async def continue_claimed(
+        self, run_id: str, definition: WorkflowDefinition, fence: int, *, timer_due: bool
+    ) -> FluxResult | None:
+        """Do what a run this engine has just claimed (under ``fence``) needs (see
+        :func:`decide`). Returns the outcome of driving it, or None when it was only put
+        back."""
+        started = time.perf_counter()
+        row = await self.store.load(run_id)
+        if row is None or row.fence != fence or row.owner != self.settings.owner:
+            return None  # deleted, or claimed by someone else meanwhile
+        applied = Applied(version=row.version, fence=row.fence)
+        signal = None
+        if row.status == _SUSPENDED and row.wait_kind in (None, "signal"):
+            name = row.wait_name or next(
+                (r.waiting_for for r in row.steps if r.index == row.current_step), None
+            )
+            if name is not None:
+                signal = await self.store.first_signal(row.id, name)
+        decision = decide(
+            row,
+            definition,
+            max_recoveries=self.max_recoveries,
+            signal=signal,
+            timer_due=timer_due,
+        )
+        if row.status not in (_SUSPENDED, WorkflowStatus.PENDING.value) or row.claims > 1:
+            self.emitter.log.warning(
+                f"recovering run {row.name}/{row.id} (status {row.status}, attempt {row.claims})"
+            )
+        return await self.carry_out(definition, row, applied, decision, started)
+
+    async def carry_out(
+        self,
+        definition: WorkflowDefinition,
+        row: RunRow,
+        applied: Applied,
+        decision: Decision,
+        started: float,
+    ) -> FluxResult | None:
+        """Drive a claimed run as ``decision`` says."""
+        rows = {r.index: r for r in row.steps}
+        if isinstance(decision, Rest | Park):
+            await self._put_back(row, applied, decision)
+            return None
+        if isinstance(decision, Rollback | Cancel):
+            failed = decision.failed if isinstance(decision, Rollback) else len(definition.steps)
+            data = rollback_data(rows.values(), failed)
+        elif isinstance(decision, Forward):
+            data = replay_data(rows.values(), before=decision.start)
+        else:
+            data = replay_data(rows.values())
+        driver = self.driver_from(definition, row, applied, rows=rows, data=data)
+        driver.started = started
+        driver.current_step = row.current_step
+        if row.requested is not None:
+            driver.request, driver.request_reason = row.requested, row.request_reason
+        return await self.drive(driver, lambda d: _go(d, decision, row))
+
+    async def _put_back(self, row: RunRow, applied: Applied, decision: Rest | Park) -> None:
+        now = utcnow()
+        patch: dict[str, Any] = {}
+        if isinstance(decision, Park):
+            # Left alone for a while, not forever: it is looked at (and logged) again.
+            self.emitter.log.error(decision.message)
+            patch["run_after"] = now + dt.timedelta(seconds=PARK_SECONDS)
+        await self.store.apply(
+            Transition(
+                run_id=row.id,
+                expected_version=applied.version,
+                updated_at=now,
+                fence=applied.fence,
+                release=True,
+                **patch,
+            )
+        )
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _settle(self, run_id: str, result: FluxResult) -> None:
+        for fut in self._watchers.pop(run_id, ()):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def wait_result(self, run_id: str, timeout: float | None) -> FluxResult:
+        """The run's result once it is finished or waits for something from outside,
+        whichever process drives it (local drives report at once; others are polled)."""
+        started = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            fut: asyncio.Future[FluxResult] = loop.create_future()
+            self._watchers.setdefault(run_id, set()).add(fut)
+            try:
+                if run_id not in self.active:
+                    row = await self.store.load(run_id)
+                    if row is None:
+                        raise WorkflowNotFoundError(
+                            f"Workflow not found: {run_id}", workflow_id=run_id
+                        )
+                    if wants_result(row.status, row.wait_kind):
+                        return stored_result(row, started)
+                wait = self.poll_interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(
+                            f"run {run_id!r} did not finish or stop to wait within {timeout:g}s"
+                        )
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), wait)
+                except TimeoutError:
+                    continue
+            finally:
+                watchers = self._watchers.get(run_id)
+                if watchers is not None:
+                    watchers.discard(fut)
+                    if not watchers:
+                        self._watchers.pop(run_id, None)
+
+
+def stored_result(row: RunRow, started: float) -> FluxResult:
+    """A run's result as stored (for a run another process drove)."""
+    error = None
+    if row.error is not None and row.status in FINISHED_STATUSES:
+        error = FluxError(row.error, workflow_id=row.id, workflow_name=row.name)
+    return FluxResult(
+        id=row.id,
+        status=WorkflowStatus(row.status),
+        data=replay_data(row.steps),
+        history=history(row.step_names, row.steps),
+        duration_ms=(time.perf_counter() - started) * 1000.0,
+        error=error,
+    )
+
+
+async def _go(driver: RunDriver, decision: Decision, row: RunRow) -> FluxResult:
+    """Carry out ``decision`` on a driver that holds the claimed run."""
+    now = utcnow()
+    if isinstance(decision, Forward):
+        return await driver.forward(decision.start, decision.attempt)
+    if isinstance(decision, Rollback):
+        driver.current_step = min(decision.failed, len(driver.names) - 1)
+        return await driver.rollback(decision.failed, decision.message)
+    if isinstance(decision, Cancel):
+        return await driver.cancel(decision.reason)
+    if isinstance(decision, Pause):
+        return await driver.on_request()
+    if isinstance(decision, GiveUp):
+        return await driver.give_up(decision.message)
+    if isinstance(decision, WakeSleep):
+        done = wake_transition(row, Applied(driver.version, driver.fence), decision.index, now)
+        await driver.save(
+            updated_at=now,
+            status=WorkflowStatus.RUNNING,
+            update_step=done,
+            wait_kind=None,
+            run_after=None,
+        )
+        return await driver.forward(decision.index + 1)
+    if isinstance(decision, Deliver):
+        done = deliver_step(row, Applied(driver.version, driver.fence), decision, now)
+        await driver.save(
+            updated_at=now,
+            status=WorkflowStatus.RUNNING,
+            update_step=done,
+            wait_name=None,
+            wait_kind=None,
+            run_after=None,
+            consume_signal=signal_ref(decision),
+        )
+        payload = decode(decision.signal.payload)
+        driver.signals[decision.signal.name] = payload
+        await driver.event(
+            "signal:received",
+            step_name=done.name,
+            step_index=done.index,
+            status=WorkflowStatus.SUSPENDED.value,
+            input=payload,
+            meta={"signal": decision.signal.name},
+        )
+        return await driver.forward(decision.index + 1)
+    assert isinstance(decision, TimedOut)
+    return await _timed_out(driver, decision, row)
+
+
+async def _timed_out(driver: RunDriver, decision: TimedOut, row: RunRow) -> FluxResult:
+    """A wait saw no signal in time: its step's attempt failed with WaitTimeoutError."""
+    index = decision.index
+    step = driver.definition.steps[index]
+    waiting = driver.rows.pop(index)
+    error = WaitTimeoutError(
+        f"step {step.name!r} waited for signal {waiting.waiting_for!r} and none came in time",
+        workflow_id=driver.id,
+        workflow_name=driver.definition.name,
+        step=step.name,
+    )
+    t0 = time.perf_counter()
+    failed = Failed(error, decision.attempt, waiting.started_at or utcnow(), t0)
+    await driver.save(
+        status=WorkflowStatus.RUNNING,
+        delete_steps_from=index,
+        wait_name=None,
+        wait_kind=None,
+        run_after=None,
+    )
+    driver.history[index] = driver.history[index].__class__(name=step.name)
+    driver.current_step = index
+    try:
+        first = await driver.retry_after(index, step, failed)
+    except Released:
+        return driver.result()
+    if first is None:
+        return await driver.fail(index, step, failed, t0)
+    return await driver.forward(index, first)

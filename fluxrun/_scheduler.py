@@ -1,0 +1,172 @@
+"""The one scheduling loop of an engine: it claims due runs and drives them.
+
+A run is *due* when nobody drives it and it can move: a pending run nobody owns, a timer
+that came (a sleep, a stored retry backoff, a wait's timeout, a delayed start), a signal
+waiting in the inbox of a run that waits for it, an owner whose lease expired (a crash),
+or a cancel or pause asked of it. The store decides that (``claim_due``, by its own clock)
+and hands each claimed run to exactly one claimer; the loop keeps at most
+``max_concurrent_runs`` runs in flight (runs started here count too).
+
+Between passes the loop sleeps until the earliest timer (``next_due``), a local wake-up
+(a run started, signalled or released in this process, a slot freed), or the poll interval,
+whichever comes first; the poll is the net that catches other processes' work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+from ._driver import utcnow
+from ._records import FluxResult
+from ._runtime import Runtime
+
+__all__ = ["Scheduler"]
+
+_MAX_CLAIMS_PER_RECOVER = 50
+
+_MIN_WAIT = 0.005
+"""The shortest sleep between passes, so a timer the store does not yet see as due (its clock
+is a little behind ours) costs a few polls, not a spin."""
+
+
+class Scheduler:
+    """Claims due runs of the registered workflows and drives them, up to a limit."""
+
+    def __init__(self, runtime: Runtime, *, max_concurrent: int) -> None:
+        self._rt = runtime
+        self._max = max_concurrent
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        # Runs this loop claimed and drives now -> their task (recover() waits for them).
+        self.inflight: dict[str, asyncio.Task[FluxResult | None]] = {}
+        runtime.on_idle = self.wake
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop runs."""
+        return self._task is not None and not self._task.done()
+
+    def free(self) -> int:
+        """Slots free for more runs."""
+        return self._max - len(self._rt.active) - len(self.inflight)
+
+    def start(self) -> None:
+        """Start the loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="fluxrun-scheduler"
+            )
+
+    def wake(self) -> None:
+        """Look for due runs now (something became due or a slot freed up)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming (runs in flight go on; close() waits for them)."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await task
+            except Exception as exc:  # the loop logs its errors; nothing more to do here
+                self._rt.emitter.log.debug(f"scheduler stopped with {exc!r}")
+
+    async def _run(self) -> None:
+        errors = 0
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                claimed = await self.claim_pass()
+                errors = 0
+                if claimed and self.free() > 0:
+                    continue
+                wait = await self._idle_wait()
+            except Exception as exc:
+                errors += 1
+                # A store that is down (or a bug) must not end the loop: back off and retry.
+                self._rt.emitter.log.error("scheduler pass failed; retrying", exc)
+                wait = min(self._rt.poll_interval * errors, 30.0)
+            if self._stopping:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _idle_wait(self) -> float:
+        """How long to sleep before the next pass."""
+        poll = self._rt.poll_interval
+        if self.free() <= 0:
+            return poll  # a finishing drive wakes the loop
+        names = self._rt.registry.names
+        if not names:
+            return poll
+        due = await self._rt.store.next_due(names)
+        if due is None:
+            return poll
+        return max(_MIN_WAIT, min(poll, (due - utcnow()).total_seconds()))
+
+    async def claim_pass(self, limit: int | None = None) -> list[asyncio.Task[FluxResult | None]]:
+        """Claim up to the free slots (or ``limit``) of due runs and start driving them."""
+        free = self.free() if limit is None else limit
+        names = self._rt.registry.names
+        if free <= 0 or not names or (self._stopping and limit is None):
+            return []
+        rt = self._rt
+        rows = await rt.store.claim_due(rt.settings.owner, names, free, rt.settings.lease_seconds)
+        tasks = []
+        for row in rows:
+            task = asyncio.get_running_loop().create_task(
+                self._drive(row), name=f"fluxrun-run-{row.id}"
+            )
+            self.inflight[row.id] = task
+            task.add_done_callback(functools.partial(self._done, row.id))
+            tasks.append(task)
+        return tasks
+
+    def _done(self, run_id: str, task: asyncio.Task[Any]) -> None:
+        if self.inflight.get(run_id) is task:
+            del self.inflight[run_id]
+        self.wake()
+
+    async def _drive(self, row: Any) -> FluxResult | None:
+        rt = self._rt
+        try:
+            return await rt.continue_claimed(
+                row.id, rt.registry[row.name], row.fence, timer_due=True
+            )
+        except Exception as exc:
+            if rt.settings.closing():
+                rt.emitter.log.info(f"run {row.name}/{row.id} released at close ({exc})")
+            else:
+                # One run's failure (a storage error, a lost lease) must not stop the others;
+                # the run stays due for the next pass (or another engine).
+                rt.emitter.log.warning(f"driving run {row.name}/{row.id} stopped: {exc!r}")
+            return None
+
+    async def recover(self, concurrency: int) -> list[FluxResult]:
+        """Claim until nothing is due; the outcomes of the runs driven meanwhile (by these
+        passes, and by the loop's passes that were in flight), one per run, in the order
+        they ended."""
+        results: dict[str, FluxResult] = {}
+        claims: dict[str, int] = {}
+        while True:
+            tasks = await self.claim_pass(limit=concurrency)
+            waiting = [t for t in self.inflight.values() if t not in tasks]
+            if not tasks and not waiting:
+                return list(results.values())
+            for task in tasks:
+                claims[task.get_name()] = claims.get(task.get_name(), 0) + 1
+            for outcome in await asyncio.gather(*tasks, *waiting, return_exceptions=True):
+                if isinstance(outcome, FluxResult):
+                    results.pop(outcome.id, None)
+                    results[outcome.id] = outcome
+            if any(n > _MAX_CLAIMS_PER_RECOVER for n in claims.values()):
+                # A run that is due again every time it is put back (a clock far behind the
+                # store's, say): the loop keeps at it; recover() must return.
+                self._rt.emitter.log.warning("recover() stopped: a run kept coming back due")
+                return list(results.values())
