@@ -16,7 +16,7 @@ import functools
 import os
 import uuid
 
-__all__ = ["is_dead_local_owner", "new_owner_id"]
+__all__ = ["boot_id", "is_dead_local_owner", "new_owner_id"]
 
 
 def _read(path: str) -> str | None:
@@ -38,9 +38,18 @@ def _start_time(pid: int) -> str | None:
 
 
 @functools.cache
+def boot_id() -> str | None:
+    """The id of the machine's current boot (Linux), or None where it cannot be known.
+
+    Read once per process: a process never outlives the boot it started in.
+    """
+    return _read("/proc/sys/kernel/random/boot_id") or None
+
+
+@functools.cache
 def _machine() -> str | None:
     """``"<boot id>/<pid namespace>"``, or None where it cannot be known (not Linux)."""
-    boot = _read("/proc/sys/kernel/random/boot_id")
+    boot = boot_id()
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:

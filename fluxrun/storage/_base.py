@@ -488,12 +488,18 @@ def transition_error(
     lease_until: dt.datetime | None,
     t: Transition,
     now: dt.datetime,
+    *,
+    live: bool | None = None,
 ) -> ConcurrentModificationError | None:
     """The error a transition gets against a run in this state, or None if it applies.
 
     A fenced write whose fence moved gets :class:`LeaseLostError` even if the version moved
     too: the writer lost the run, which is what it must learn (not to retry on a new version).
+    ``live`` says whether a live lease holds the run when the store judged that itself
+    (SQLite, by its boot clock); None compares ``lease_until`` with ``now``.
     """
+    if live is None:
+        live = owner is not None and lease_until is not None and lease_until > now
     if t.fence is not None and fence != t.fence:
         return LeaseLostError(
             f"run {run_id!r} was claimed by another executor (fence {fence}, ours {t.fence})",
@@ -507,7 +513,7 @@ def transition_error(
             workflow_id=run_id,
             workflow_name=name,
         )
-    if t.fence is None and owner is not None and lease_until is not None and lease_until > now:
+    if t.fence is None and live:
         return RunBusyError(
             f"run {run_id!r} is being executed by {owner!r} right now",
             workflow_id=run_id,

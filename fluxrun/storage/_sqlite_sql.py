@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConcurrentModificationError
@@ -39,6 +39,7 @@ from ._rows import (
     step_from,
 )
 from ._sched import finished_error, not_found_error, unconsumable_error
+from ._sqlite_lease import CLAIM_LEASE, MAX_MICROS, RELEASE_LEASE, RENEW_LEASE, LeaseClock
 
 __all__ = [
     "INSERT_ATTEMPT",
@@ -67,8 +68,6 @@ __all__ = [
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICRO = dt.timedelta(microseconds=1)
-#: Microseconds of the latest time a datetime can hold: a lease expiry never goes past it.
-MAX_MICROS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // _MICRO
 
 RUN_SELECT = ", ".join(RUN_COLUMNS)
 STEP_SELECT = ", ".join(STEP_COLUMNS)
@@ -94,8 +93,8 @@ INSERT_ATTEMPT = (
 _INSERT_RUN = (
     "INSERT INTO flux_runs ("
     + RUN_SELECT
-    + ", input_hash) VALUES ("
-    + ", ".join("?" * (len(RUN_COLUMNS) + 1))
+    + ", input_hash, lease_boot, lease_boot_until, lease_boot_fence) VALUES ("
+    + ", ".join("?" * (len(RUN_COLUMNS) + 4))
     + ")"
 )
 _CONSUME = (
@@ -103,33 +102,35 @@ _CONSUME = (
     "WHERE run_id = ? AND seq = ? AND consumed_by_step IS NULL"
 )
 _FINISHED = "('" + "', '".join(FINISHED_STATUSES) + "')"
-_UNOWNED = "(owner IS NULL OR lease_until IS NULL OR lease_until <= :now)"
-# The due rule of Store.claim_due, in the order of MemoryStorage's _Run.due.
+# The due rule of Store.claim_due, in the order of MemoryStorage's _Run.due. It follows the
+# names and the lease rule (see _sqlite_lease); parameters: the wall clock now twice (timers
+# are wall-clock instants), the limit.
 _DUE = (
-    "SELECT id FROM flux_runs WHERE name IN (SELECT value FROM json_each(:names)) AND "
-    + _UNOWNED
-    + " AND status NOT IN "
-    + _FINISHED
-    + " AND (requested IS NOT NULL"
+    " AND status NOT IN " + _FINISHED + " AND (requested IS NOT NULL"
     " OR (status IN ('pending', 'running', 'rolling_back')"
-    " AND (run_after IS NULL OR run_after <= :now))"
-    " OR (status = 'suspended' AND (run_after <= :now OR (wait_kind = 'signal' AND EXISTS ("
+    " AND (run_after IS NULL OR run_after <= ?))"
+    " OR (status = 'suspended' AND (run_after <= ? OR (wait_kind = 'signal' AND EXISTS ("
     "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id"
     " AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL)))))"
     " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), rowid"
-    " LIMIT :limit"
+    " LIMIT ?"
 )
 _CLAIM = (
-    "UPDATE flux_runs SET owner = :owner, lease_until = :until, fence = fence + 1, "
-    "claims = claims + 1, version = version + 1 "
-    "WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING " + RUN_SELECT
+    "UPDATE flux_runs SET owner = ?, "
+    + CLAIM_LEASE
+    + ", fence = fence + 1, claims = claims + 1, version = version + 1 "
+    "WHERE id IN (SELECT value FROM json_each(?)) RETURNING " + RUN_SELECT
 )
 
 
-def apply(
-    conn: sqlite3.Connection, t: Transition, now: int, lease_until: Callable[[int, float], int]
-) -> Applied:
+def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
     """Apply one transition in one ``BEGIN IMMEDIATE`` transaction (see :class:`Transition`)."""
+    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    # The clocks are read once the write lock is held, so waiting for it cannot shorten a
+    # lease written here; a plain step commit (fenced, no claim or renewal) reads none.
+    now = None
+    if t.fence is None or t.claim is not None or t.renew_lease is not None:
+        now = clock.now()
     sets = ["version = version + 1", "updated_at = ?"]
     params: list[Any] = [to_micros(t.updated_at)]
     where = ["id = ?", "version = ?"]
@@ -138,16 +139,22 @@ def apply(
         where.append("fence = ?")
         wparams.append(t.fence)
     else:
-        where.append("(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)")
-        wparams.append(now)
+        assert now is not None
+        expired, expired_params = clock.expired(now)
+        where.append(expired)
+        wparams += expired_params
     if t.claim is not None:
-        sets += ["fence = fence + 1", "owner = ?", "lease_until = ?", "claims = claims + 1"]
-        params += [t.claim.owner, lease_until(now, t.claim.lease_seconds)]
+        assert now is not None
+        # CLAIM_LEASE reads the fence before "fence = fence + 1" applies (one UPDATE).
+        sets += ["fence = fence + 1", "owner = ?", CLAIM_LEASE, "claims = claims + 1"]
+        params += [t.claim.owner, *clock.lease(now, t.claim.lease_seconds)]
     elif t.renew_lease is not None:
-        sets.append("lease_until = ?")
-        params.append(lease_until(now, t.renew_lease))
+        assert now is not None
+        sets.append(RENEW_LEASE)
+        params += clock.lease(now, t.renew_lease)
     if t.release:
-        sets += ["owner = NULL", "lease_until = NULL", "claims = 0"]
+        # The rightmost assignment of a column wins: this undoes a claim of the same write.
+        sets += ["owner = NULL", RELEASE_LEASE, "claims = 0"]
     elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
         sets.append("claims = 1")  # progress: only the current claim counts now
     for column in ("status", "current_step", "error", "wait_name", "wait_kind", "attempt"):
@@ -164,7 +171,6 @@ def apply(
     if t.requested is not KEEP:
         sets.append("requested = NULL, request_reason = NULL")
     update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
-    conn.execute("BEGIN IMMEDIATE")
     row: tuple[int, int] | None
     if t.fence is not None and t.claim is None:
         # The usual step commit: the new version and fence are known, and SQLite's
@@ -174,7 +180,7 @@ def apply(
     else:
         row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
     if row is None:
-        error = _diagnose(conn, t, now)
+        error = _diagnose(conn, t, clock)
         conn.execute("ROLLBACK")
         raise error
     if t.consume_signal is not None:
@@ -222,10 +228,16 @@ def apply(
     return Applied(version=row[0], fence=row[1])
 
 
-def _diagnose(conn: sqlite3.Connection, t: Transition, now: int) -> ConcurrentModificationError:
+def _diagnose(
+    conn: sqlite3.Connection, t: Transition, clock: LeaseClock
+) -> ConcurrentModificationError:
+    now = clock.now()
+    expired, params = clock.expired(now)
     found = conn.execute(
-        "SELECT name, version, fence, owner, lease_until FROM flux_runs WHERE id = ?",
-        (t.run_id,),
+        "SELECT name, version, fence, owner, lease_until, NOT "
+        + expired
+        + " FROM flux_runs WHERE id = ?",
+        (*params, t.run_id),
     ).fetchone()
     if found is None:
         return ConcurrentModificationError(
@@ -239,7 +251,8 @@ def _diagnose(conn: sqlite3.Connection, t: Transition, now: int) -> ConcurrentMo
         found[3],
         from_micros(found[4]),
         t,
-        from_micros(now),  # type: ignore[arg-type]
+        from_micros(now.wall),  # type: ignore[arg-type]
+        live=bool(found[5]),  # by the boot clock where there is one
     )
     return error or ConcurrentModificationError(
         f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
@@ -280,13 +293,15 @@ def insert_run(
     conn: sqlite3.Connection,
     run: RunRow,
     owner: str | None,
-    lease_until: int | None,
+    lease: tuple[int, str | None, int | None] | None,
     *,
     input_hash: str | None = None,
     or_nothing: bool = False,
 ) -> bool:
-    """Insert ``run`` owned by ``owner``; with ``or_nothing``, False when its id or key is taken."""
+    """Insert ``run`` owned by ``owner`` with ``lease`` (see :meth:`LeaseClock.lease`); with
+    ``or_nothing``, False when its id or key is taken."""
     sql = _INSERT_RUN + (" ON CONFLICT DO NOTHING" if or_nothing else "")
+    until, boot, boot_until = (None, None, None) if lease is None else lease
     cur = conn.execute(
         sql,
         (
@@ -304,7 +319,7 @@ def insert_run(
             run.version,
             run.fence,
             owner,
-            lease_until,
+            until,
             1 if owner else 0,
             run.wait_name,
             to_micros(run.run_after),
@@ -315,6 +330,9 @@ def insert_run(
             run.priority,
             run.idempotency_key,
             input_hash,
+            boot,
+            boot_until,
+            None if lease is None else run.fence,
         ),
     )
     return cur.rowcount == 1
@@ -324,12 +342,15 @@ def start(
     conn: sqlite3.Connection,
     run: RunRow,
     owner: str | None,
-    lease_until: int | None,
+    lease_seconds: float,
+    clock: LeaseClock,
     input_hash: str | None,
 ) -> Started:
-    """Insert-or-observe ``run`` (its ``idempotency_key`` already chosen)."""
+    """Insert-or-observe ``run`` (its ``idempotency_key`` already chosen), leased to
+    ``owner`` (if any) for ``lease_seconds``."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
-    if insert_run(conn, run, owner, lease_until, input_hash=input_hash, or_nothing=True):
+    lease = None if owner is None else clock.lease(clock.now(), lease_seconds)
+    if insert_run(conn, run, owner, lease, input_hash=input_hash, or_nothing=True):
         conn.execute("COMMIT")
         return Started(run.id, True, input_hash)
     # Taken: the write lock is held, so the run that took it is there to read. A key match
@@ -349,17 +370,25 @@ def claim_due(
     owner: str,
     names: Sequence[str],
     limit: int,
-    now: int,
-    until: int,
+    clock: LeaseClock,
+    lease_seconds: float,
 ) -> list[RunRow]:
     """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
-    selected = conn.execute(_DUE, {"names": json.dumps(list(names)), "now": now, "limit": limit})
+    now = clock.now()  # with the write lock held: a wait for it cannot shorten the leases
+    expired, params = clock.expired(now)
+    selected = conn.execute(
+        "SELECT id FROM flux_runs WHERE name IN (SELECT value FROM json_each(?)) AND "
+        + expired
+        + _DUE,
+        (json.dumps(list(names)), *params, now.wall, now.wall, limit),
+    )
     ids = [r[0] for r in selected.fetchall()]
     if not ids:
         conn.execute("ROLLBACK")
         return []
-    claimed = conn.execute(_CLAIM, {"owner": owner, "until": until, "ids": json.dumps(ids)})
+    lease = clock.lease(now, lease_seconds)
+    claimed = conn.execute(_CLAIM, (owner, *lease, json.dumps(ids)))
     rows = claimed.fetchall()
     conn.execute("COMMIT")
     # RETURNING gives no order; the selection's order is the claim order.

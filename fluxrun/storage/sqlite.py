@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from .._owner import is_dead_local_owner
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
@@ -35,19 +34,18 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
-from ._limits import (
-    check_new_run,
-    check_transition_numbers,
-    lease_seconds,
-    page,
-    row_limit,
-    usable_fences,
-)
+from ._limits import check_new_run, check_transition_numbers, page, row_limit, usable_fences
 from ._migrations import migrations
 from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
+from ._sqlite_lease import (
+    RENEW_LEASE,
+    BootClock,
+    LeaseClock,
+    expire_dead_owners,
+    system_boot_clock,
+)
 from ._sqlite_sql import (
-    MAX_MICROS,
     RUN_SELECT,
     STEP_SELECT,
     duplicate,
@@ -58,7 +56,7 @@ from ._sqlite_sql import (
     to_micros,
 )
 
-__all__ = ["SQLiteStorage", "from_micros", "to_micros"]
+__all__ = ["BootClock", "SQLiteStorage", "from_micros", "to_micros"]
 
 T = TypeVar("T")
 
@@ -85,6 +83,13 @@ class SQLiteStorage(Store):
             ``"NORMAL"`` is faster and may lose the last commits on power loss (never on a
             process crash) and is still consistent.
         busy_timeout: Seconds to wait for another process's write lock.
+        clock: The wall clock (seconds since the epoch) for timestamps and timers, and the
+            shown ``lease_until``.
+        boot_clock: What judges leases. ``"system"`` (default): Linux's ``CLOCK_BOOTTIME``
+            with the boot id, so a step of the wall clock neither ends a live lease nor
+            keeps a dead one, and a lease of an earlier boot is over; where either is
+            missing (not Linux) leases are judged by ``clock``, as are leases written
+            without a boot clock. A :class:`BootClock` (tests); None: by ``clock``.
     """
 
     shared = True
@@ -96,6 +101,7 @@ class SQLiteStorage(Store):
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        boot_clock: BootClock | Literal["system"] | None = "system",
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise InvalidArgumentError(
@@ -117,6 +123,13 @@ class SQLiteStorage(Store):
             )
         if not callable(clock):
             raise InvalidArgumentError(f"SQLiteStorage clock must be callable, got {clock!r}")
+        if boot_clock == "system":
+            boot_clock = system_boot_clock()
+        elif boot_clock is not None and not isinstance(boot_clock, BootClock):
+            raise InvalidArgumentError(
+                f"SQLiteStorage boot_clock must be 'system', a BootClock or None, "
+                f"got {boot_clock!r}"
+            )
         self.path = os.fspath(path)
         if "\x00" in str(self.path):
             raise InvalidArgumentError(
@@ -124,7 +137,7 @@ class SQLiteStorage(Store):
             )
         self._synchronous = synchronous
         self._busy_ms = int(busy_timeout * 1000)
-        self._clock = clock
+        self._clock = LeaseClock(clock, boot_clock)
         self._conn: sqlite3.Connection | None = None
         self._fast: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -132,13 +145,6 @@ class SQLiteStorage(Store):
         self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------------
-
-    def _now_us(self) -> int:
-        return int(self._clock() * 1_000_000)
-
-    def _lease_until(self, now_us: int, seconds: float) -> int:
-        """The expiry of a lease of ``seconds`` from ``now_us``, clamped to a datetime."""
-        return min(now_us + int(lease_seconds(seconds) * 1_000_000), MAX_MICROS)
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         if self.path not in (":memory:", ""):
@@ -301,7 +307,7 @@ class SQLiteStorage(Store):
         def insert(conn: sqlite3.Connection) -> None:
             lease = None
             if lease_owner is not None:
-                lease = self._lease_until(self._now_us(), lease_seconds)
+                lease = self._clock.lease(self._clock.now(), lease_seconds)
             try:
                 insert_run(conn, run, lease_owner, lease)
             except sqlite3.IntegrityError as exc:
@@ -318,7 +324,7 @@ class SQLiteStorage(Store):
         """Apply one transition in one ``BEGIN IMMEDIATE`` transaction."""
         check_transition_numbers(t)
         return await self._run(
-            lambda conn: _q.apply(conn, t, self._now_us(), self._lease_until),
+            lambda conn: _q.apply(conn, t, self._clock),
             "step commit",
             t.run_id,
         )
@@ -327,15 +333,14 @@ class SQLiteStorage(Store):
         """Delete a run with its step and attempt rows, unless a live lease owns it.
 
         Raises:
-            RunBusyError: a live lease (by the store's clock) owns the run.
+            RunBusyError: a live lease owns the run (by the boot clock; see ``boot_clock``).
         """
 
         def remove(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
+            expired, params = self._clock.expired(self._clock.now())
             cur = conn.execute(
-                "DELETE FROM flux_runs WHERE id = ? AND "
-                "(owner IS NULL OR lease_until IS NULL OR lease_until <= ?)",
-                (run_id, self._now_us()),
+                "DELETE FROM flux_runs WHERE id = ? AND " + expired, (run_id, *params)
             )
             if cur.rowcount == 0:
                 # Nothing deleted: either no such run, or a live lease protects it.
@@ -428,44 +433,18 @@ class SQLiteStorage(Store):
         def read(conn: sqlite3.Connection) -> list[RunRow]:
             if not names:
                 return []
-            self._expire_dead_owners(conn)
+            expire_dead_owners(conn, self._clock)
+            expired, params = self._clock.expired(self._clock.now())
+            names_in = ",".join("?" * len(names))
+            statuses_in = ",".join("?" * len(RECOVERABLE_STATUSES))
             sql = (
-                "SELECT " + RUN_SELECT + " FROM flux_runs WHERE "
-                "name IN (" + ",".join("?" * len(names)) + ") AND "
-                "status IN (" + ",".join("?" * len(RECOVERABLE_STATUSES)) + ") AND "
-                "(owner IS NULL OR lease_until IS NULL OR lease_until <= ?) "
-                "ORDER BY created_at, rowid LIMIT ?"
+                f"SELECT {RUN_SELECT} FROM flux_runs WHERE name IN ({names_in}) AND "
+                f"status IN ({statuses_in}) AND {expired} ORDER BY created_at, rowid LIMIT ?"
             )
-            rows = conn.execute(
-                sql, (*names, *RECOVERABLE_STATUSES, self._now_us(), limit)
-            ).fetchall()
+            rows = conn.execute(sql, (*names, *RECOVERABLE_STATUSES, *params, limit)).fetchall()
             return [run_row(r) for r in rows]
 
         return await self._run(read, "find_recoverable")
-
-    def _expire_dead_owners(self, conn: sqlite3.Connection) -> None:
-        """End now the leases of owners that were processes of this machine and are gone.
-
-        Every process sharing the file runs on this host, so a killed owner is recognised by
-        its process (see :mod:`fluxrun._owner`) and its runs continue at once rather than
-        after their lease; owners it cannot judge keep their lease.
-        """
-        now = self._now_us()
-        owners = conn.execute(
-            "SELECT DISTINCT owner FROM flux_runs WHERE lease_until > ? AND owner IS NOT NULL",
-            (now,),
-        ).fetchall()
-        dead = [o for (o,) in owners if is_dead_local_owner(o)]
-        if not dead:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "UPDATE flux_runs SET lease_until = ? WHERE lease_until > ? AND owner IN ("
-            + ",".join("?" * len(dead))
-            + ")",
-            (now, now, *dead),
-        )
-        conn.execute("COMMIT")
 
     def renew_leases(self, owner: str, fences: Mapping[str, int], lease_seconds: float) -> Renewed:
         """Extend ``owner``'s leases in one transaction; report the runs it lost and the
@@ -475,13 +454,13 @@ class SQLiteStorage(Store):
         requested: dict[str, str] = {}
 
         def renew(conn: sqlite3.Connection) -> Renewed:
-            until = self._lease_until(self._now_us(), lease_seconds)
             conn.execute("BEGIN IMMEDIATE")
+            lease = self._clock.lease(self._clock.now(), lease_seconds)  # under the lock
             for run_id, fence in usable.items():
                 found = conn.execute(
-                    "UPDATE flux_runs SET lease_until = ? WHERE id = ? AND fence = ? AND owner = ? "
-                    "RETURNING requested",
-                    (until, run_id, fence, owner),
+                    "UPDATE flux_runs SET " + RENEW_LEASE + " WHERE id = ? AND fence = ? "
+                    "AND owner = ? RETURNING requested",
+                    (*lease, run_id, fence, owner),
                 ).fetchone()
                 if found is None:
                     lost.add(run_id)
@@ -511,10 +490,7 @@ class SQLiteStorage(Store):
             run = replace(run, idempotency_key=idempotency_key)
 
         def insert(conn: sqlite3.Connection) -> Started:
-            lease = None
-            if lease_owner is not None:
-                lease = self._lease_until(self._now_us(), lease_seconds)
-            return _q.start(conn, run, lease_owner, lease, input_hash)
+            return _q.start(conn, run, lease_owner, lease_seconds, self._clock, input_hash)
 
         return await self._run(insert, "start", run.id)
 
@@ -527,10 +503,8 @@ class SQLiteStorage(Store):
         def claim(conn: sqlite3.Connection) -> list[RunRow]:
             if not names or not limit:
                 return []
-            self._expire_dead_owners(conn)
-            now = self._now_us()
-            until = self._lease_until(now, lease_seconds)
-            return _q.claim_due(conn, owner, names, limit, now, until)
+            expire_dead_owners(conn, self._clock)
+            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds)
 
         return await self._run(claim, "claim")
 
@@ -544,7 +518,9 @@ class SQLiteStorage(Store):
         """Append a signal to an unfinished run's inbox under the write lock."""
         check_signal(run_id, name, payload, dedupe_key)
         return await self._run(
-            lambda conn: _q.send_signal(conn, run_id, name, payload, dedupe_key, self._now_us()),
+            lambda conn: _q.send_signal(
+                conn, run_id, name, payload, dedupe_key, self._clock.wall_us()
+            ),
             "send_signal",
             run_id,
         )

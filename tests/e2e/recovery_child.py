@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recovery_flows import CHILD_ENV, FileClock, saga, waiter
+from recovery_flows import CHILD_ENV, FileClock, saga, store_on, waiter
 
-from fluxrun import FluxEngine, RetryPolicy, SQLiteStorage
+from fluxrun import FluxEngine, RetryPolicy
 
 FLOWS = {"saga": saga, "waiter": waiter}
 
@@ -35,11 +35,7 @@ FLOWS = {"saga": saga, "waiter": waiter}
 async def main(config: dict[str, Any]) -> None:
     os.environ[CHILD_ENV] = "1"
     clock = config.get("clock")
-    storage = (
-        SQLiteStorage(config["db"])
-        if clock is None
-        else SQLiteStorage(config["db"], clock=FileClock(clock))
-    )
+    storage = store_on(config["db"], None if clock is None else FileClock(clock))
     engine = FluxEngine(
         storage=storage,
         lease=float(config["lease"]),

@@ -26,11 +26,22 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fluxrun import WorkflowContext, create_workflow, wait
+from fluxrun.storage._sqlite_lease import system_boot_clock
+from fluxrun.storage.sqlite import BootClock, SQLiteStorage
 
-__all__ = ["CHILD_ENV", "FileClock", "read_effects", "record", "saga", "waiter"]
+__all__ = [
+    "CHILD_ENV",
+    "FileClock",
+    "read_effects",
+    "record",
+    "saga",
+    "store_on",
+    "waiter",
+]
 
 CHILD_ENV = "FLUXRUN_E2E_CHILD"
 #: How long a step blocked until a condition waits for it before it gives up (and fails).
@@ -41,7 +52,8 @@ class FileClock:
     """A store clock (``SQLiteStorage(clock=...)``) shared by processes through a file.
 
     It stands still until :meth:`advance` moves it, so leases expire when a test says so,
-    not when a busy machine happens to get there.
+    not when a busy machine happens to get there (:func:`store_on` moves the store's boot
+    clock, which judges the leases, with it).
     """
 
     def __init__(self, path: str) -> None:
@@ -66,6 +78,26 @@ class FileClock:
 
     def advance(self, seconds: float) -> None:
         self.set(self() + seconds)
+
+
+def store_on(db: str, clock: Callable[[], float] | None = None) -> SQLiteStorage:
+    """A store on ``db``; with ``clock``, its wall clock and a boot clock that moves with it.
+
+    The boot clock reads ``clock()`` minus the machine's boot time (wall clock minus
+    ``CLOCK_BOOTTIME``), under this boot's id: a store with the real clocks on the same file
+    (another test engine, a child process) then agrees with it about leases, and the leases
+    written under a clock an hour ahead are an hour further on for the real clocks too.
+    """
+    if clock is None:
+        return SQLiteStorage(db)
+    system = system_boot_clock()
+    assert system is not None, "these tests run on Linux"
+    read = system.read
+
+    def boot() -> float:
+        return clock() - (time.time() - read())
+
+    return SQLiteStorage(db, clock=clock, boot_clock=BootClock(system.boot_id, boot))
 
 
 def record(path: str, run_id: str, key: str, attempt: int) -> None:

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from recovery_flows import FileClock, read_effects, saga, waiter
+from recovery_flows import FileClock, read_effects, saga, store_on, waiter
 
 from fluxrun import (
     FluxEngine,
     RetryPolicy,
-    SQLiteStorage,
     StepStatus,
     WorkflowState,
     WorkflowStatus,
@@ -57,7 +56,7 @@ def paths(tmp_path: Path) -> Paths:
 
 def make_engine(db: str, *, clock: Callable[[], float] | None = None, **kw: Any) -> FluxEngine:
     engine = FluxEngine(
-        storage=SQLiteStorage(db) if clock is None else SQLiteStorage(db, clock=clock),
+        storage=store_on(db, clock),
         lease=LEASE,
         retry_policy=RetryPolicy(initial_delay=0, jitter=False),
         **kw,

@@ -1,7 +1,9 @@
 """A database made by an older fluxrun (schema 1 only, or schemas 1 and 2, holding runs and
 steps) is migrated forward by the current stores: the old rows read back unchanged and the
 new features (error types, tracebacks, the attempt log; the scheduling columns, the signal
-inbox, idempotent start, claims and requests) work on them. Both SQL dialects."""
+inbox, idempotent start, claims and requests) work on them. Both SQL dialects. Schema 4
+(leases judged by the boot clock) is SQLite's alone: a schema-3 file with leased runs keeps
+its leases as they were and gains the boot-clock columns."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fluxrun.errors import InvalidStateError
-from fluxrun.storage._base import AttemptRow, Store, Transition
+from fluxrun.errors import InvalidStateError, RunBusyError
+from fluxrun.storage._base import AttemptRow, Claim, Store, Transition
 from fluxrun.storage._migrations import migrations
-from fluxrun.storage.sqlite import SQLiteStorage, to_micros
+from fluxrun.storage.sqlite import BootClock, SQLiteStorage, to_micros
 
 T0 = dt.datetime(2024, 5, 17, 8, 30, 0, 123456, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(seconds=1, microseconds=1)
@@ -109,6 +111,11 @@ def _postgres_version(dsn: str) -> int:
 Setup = tuple[Callable[[], Store], Callable[[], int]]
 
 
+def _latest(store: Store) -> int:
+    """The schema version today's ``store`` migrates to (numbered per dialect)."""
+    return len(migrations("sqlite" if isinstance(store, SQLiteStorage) else "postgres"))
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def old_database(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
     """A schema-1 database with data, and how to open it with today's store / read its
@@ -130,7 +137,7 @@ async def test_an_old_database_is_migrated_and_keeps_its_runs(old_database: Setu
     store = open_store()
     try:
         await store.init()
-        assert schema_version() == len(migrations("sqlite")) == len(migrations("postgres"))
+        assert schema_version() == _latest(store)
         old = await store.load("old-1")
         assert old is not None
         assert (old.name, old.status, old.error, old.version, old.fence) == (
@@ -189,7 +196,7 @@ async def test_an_old_database_is_migrated_and_keeps_its_runs(old_database: Setu
         assert await store.list_attempts("old-1") == []
         # Opening it again is a no-op.
         await store.init()
-        assert schema_version() == len(migrations("sqlite"))
+        assert schema_version() == _latest(store)
     finally:
         await store.close()
 
@@ -230,7 +237,7 @@ async def test_a_schema_2_database_gets_the_scheduling_schema(v2_database: Setup
     store = open_store()
     try:
         await store.init()
-        assert schema_version() == 3
+        assert schema_version() == _latest(store)
         old = await store.load("old-2")
         assert old is not None
         # The new columns have their defaults on the old rows.
@@ -275,6 +282,88 @@ async def test_a_schema_2_database_gets_the_scheduling_schema(v2_database: Setup
         )
         # Opening it again is a no-op.
         await store.init()
-        assert schema_version() == 3
+        assert schema_version() == _latest(store)
+    finally:
+        await store.close()
+
+
+# -- schema 4 (SQLite only): leases judged by the boot clock ------------------------------------
+
+#: The fake clocks of the schema-4 test: wall clock (seconds since the epoch), boot clock.
+WALL = 1_900_000_000.0
+BOOT = 5_000.0
+
+
+def _sqlite_v3(path: str) -> None:
+    """A schema-3 file with leases as schema 3 wrote them (``lease_until`` by the wall clock):
+    old-2 leased far past ``WALL``, old-3 leased until 10 s before it."""
+    _sqlite_v1(path, upto=3)
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "UPDATE flux_runs SET owner = 'old-worker', lease_until = ?, claims = 1, "
+            "status = 'running', wait_name = NULL WHERE id = 'old-2'",
+            (int((WALL + 86400) * 1_000_000),),
+        )
+        conn.execute(
+            "INSERT INTO flux_runs (id, name, status, input, step_names, current_step, "
+            "created_at, updated_at, version, fence, owner, lease_until, claims, priority) "
+            "VALUES ('old-3', 'order', 'running', '{}', '[\"a\"]', 0, ?, ?, 1, 2, "
+            "'old-worker', ?, 1, 0)",
+            (to_micros(T0), to_micros(T1), int((WALL - 10) * 1_000_000)),
+        )
+    conn.close()
+
+
+async def test_a_schema_3_sqlite_file_keeps_its_leases_and_gains_the_boot_clock(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "v3.db")
+    _sqlite_v3(path)
+    assert _sqlite_version(path) == 3
+    boot = [BOOT]
+    store = SQLiteStorage(path, clock=lambda: WALL, boot_clock=BootClock("b1", lambda: boot[0]))
+    try:
+        await store.init()
+        assert _sqlite_version(path) == 4 == len(migrations("sqlite"))
+        with sqlite3.connect(path) as conn:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(flux_runs)")}
+            leases = conn.execute(
+                "SELECT id, lease_boot, lease_boot_until, lease_boot_fence FROM flux_runs "
+                "ORDER BY id"
+            ).fetchall()
+        conn.close()
+        assert {"lease_boot", "lease_boot_until", "lease_boot_fence"} <= columns
+        assert leases == [(i, None, None, None) for i in ("old-1", "old-2", "old-3")]
+        old = await store.load("old-2")
+        assert old is not None and (old.owner, old.claims, old.version, old.fence) == (
+            "old-worker",
+            1,
+            2,
+            4,
+        )
+        # A lease written before schema 4 is judged by its lease_until: old-2's is live (and
+        # stays live however far the boot clock moves), old-3's is over.
+        boot[0] += 10 * 86400
+        assert [r.id for r in await store.find_recoverable(["order"], 10)] == ["old-3"]
+        with pytest.raises(RunBusyError):
+            await store.delete("old-2")
+        with pytest.raises(RunBusyError):
+            await store.apply(Transition("old-2", 2, T1, claim=Claim("me", 30)))
+        claimed = await store.claim_due("me", ["order"], 10, 30)
+        assert [(r.id, r.owner, r.fence) for r in claimed] == [("old-3", "me", 3)]
+        # Two days later by the wall clock: old-2's lease (schema 3's) is over, the new claim
+        # of old-3 is judged by the boot clock, which did not move, so it stays.
+        other = SQLiteStorage(
+            path, clock=lambda: WALL + 86400 * 2, boot_clock=BootClock("b1", lambda: boot[0])
+        )
+        try:
+            assert [r.id for r in await other.find_recoverable(["order"], 10)] == ["old-2"]
+            boot[0] += 30
+            found = await other.find_recoverable(["order"], 10)
+            assert [r.id for r in found] == ["old-3", "old-2"]  # by created_at
+        finally:
+            await other.close()
+        await store.init()  # again: a no-op
+        assert _sqlite_version(path) == 4
     finally:
         await store.close()
