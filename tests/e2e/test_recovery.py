@@ -407,7 +407,7 @@ def _other_engine_while_b_blocks(
             other_engine = (
                 make_engine(p.db, clock=clock)
                 if recover
-                else FluxEngine(storage=SQLiteStorage(p.db, clock=clock), lease=LEASE)
+                else FluxEngine(storage=store_on(p.db, clock), lease=LEASE)
             )
             async with other_engine as other:
 
@@ -502,7 +502,7 @@ def _poll_in_thread(
     async def main() -> None:
         # Without recover, it only looks: an engine with no workflows registered has a
         # scheduler that claims nothing.
-        engine = make_engine(db) if recover else FluxEngine(storage=SQLiteStorage(db), lease=LEASE)
+        engine = make_engine(db) if recover else FluxEngine(storage=store_on(db), lease=LEASE)
         async with engine as other:
             while not stop.is_set():
                 if start_when():
