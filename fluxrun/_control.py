@@ -10,27 +10,38 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._codec import decode, encode
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
+from ._options import naming, text_arg
 from ._records import FluxResult, WorkflowState, WorkflowStatus
+from ._registry import FlowLike, Registry
+from ._retry import seconds
 from ._runtime import Runtime
+from ._scheduler import Scheduler
 from ._state import to_state
 from .errors import (
+    DefinitionError,
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
 )
-from .storage._base import FINISHED_STATUSES, RunRow
+from .storage._base import FINISHED_STATUSES, RunRow, Store
 
-if TYPE_CHECKING:
-    from ._engine import FluxEngine
-
-__all__ = ["NewRun", "RunHandle", "prepare_run", "request_run", "send_signal", "start_run"]
+__all__ = [
+    "NewRun",
+    "RunControl",
+    "RunHandle",
+    "opt_text",
+    "prepare_run",
+    "request_run",
+    "send_signal",
+    "start_run",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +179,7 @@ class RunHandle:
 
     __slots__ = ("_engine", "created", "id")
 
-    def __init__(self, engine: FluxEngine, run_id: str, *, created: bool = False) -> None:
+    def __init__(self, engine: RunControl, run_id: str, *, created: bool = False) -> None:
         self._engine = engine
         self.id = run_id
         self.created = created
@@ -192,10 +203,11 @@ class RunHandle:
 
     async def state(self) -> WorkflowState:
         """The run as stored now."""
-        row = await self._engine.storage.load(self.id)
+        engine = self._engine
+        row = await engine._store.load(self.id)
         if row is None:
             raise WorkflowNotFoundError(f"Workflow not found: {self.id}", workflow_id=self.id)
-        return to_state(row, self._engine._spec_for(row.name))
+        return to_state(row, engine._registry.input_spec(row.name))
 
     async def send_signal(
         self, name: str, payload: Any = None, *, dedupe_key: str | None = None
@@ -209,6 +221,132 @@ class RunHandle:
 
     def __repr__(self) -> str:
         return f"RunHandle(id={self.id!r})"
+
+
+def opt_text(value: str | None, what: str) -> str | None:
+    """An optional text argument, checked like :func:`text_arg` when given."""
+    return None if value is None else text_arg(value, what)
+
+
+class RunControl:
+    """The engine's calls that start runs and ask things of them without driving them:
+    the scheduler (or ``execute``) does the driving."""
+
+    _runtime: Runtime
+    _registry: Registry
+    _scheduler: Scheduler
+    _store: Store
+
+    async def _ensure_ready(self) -> None:
+        raise NotImplementedError
+
+    async def start(
+        self,
+        flow: FlowLike,
+        input: Any = None,
+        *,
+        id: str | None = None,
+        idempotency_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+    ) -> RunHandle:
+        """Store a new run and return at once; the scheduler drives it (in this process,
+        unless another engine claims it first).
+
+        Two starts of one workflow with the same ``idempotency_key`` (or the same ``id``),
+        from any processes at once, make one run: the second gets a handle to the first
+        (``handle.created`` is False). ``delay`` (seconds or timedelta) makes the run due
+        that much later.
+
+        Raises:
+            InvalidInputError: the input failed validation or cannot be stored.
+            IdempotencyConflictError: the key (or id) is taken by a run with another input.
+        """
+        definition = self._registry.adopt(flow)
+        wait = None
+        if delay is not None:
+            try:
+                wait = seconds(delay, "delay", allow_zero=True)
+            except DefinitionError as exc:
+                raise InvalidArgumentError(exc.message) from None
+        new = prepare_run(
+            self._runtime,
+            definition,
+            input,
+            run_id=opt_text(id, "id"),
+            idempotency_key=opt_text(idempotency_key, "idempotency_key"),
+            delay=wait,
+        )
+        await self._ensure_ready()
+        with naming(new.row.id, definition.name):
+            run_id, created = await start_run(self._runtime, new, own=False)
+        if created:
+            self._scheduler.wake()
+        return RunHandle(self, run_id, created=created)
+
+    def handle(self, run_id: str) -> RunHandle:
+        """A handle on an existing run (by id), to wait for its result."""
+        return RunHandle(self, text_arg(run_id, "run id"))
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: Any = None, *, dedupe_key: str | None = None
+    ) -> bool:
+        """Put a signal in a run's inbox; the run takes it when it waits for ``name`` (at
+        once if it waits now). Signals of one name are taken oldest first, each by one
+        wait. Returns False when ``dedupe_key`` was already used for this run.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+            InvalidStateError: the run is finished.
+            InvalidInputError: the payload cannot be stored.
+        """
+        run_id = text_arg(run_id, "run id")
+        name = text_arg(name, "signal name")
+        dedupe = opt_text(dedupe_key, "dedupe_key")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await send_signal(self._runtime, run_id, name, payload, dedupe)
+
+    async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:
+        """Cancel a run: a running async step is interrupted at once (a sync one at its
+        end), the completed steps are compensated (rule 11, the pivot rule applies) and the
+        run ends ``cancelled`` with ``reason``. Works whoever drives the run, and on
+        suspended, sleeping and paused runs; idempotent. False if the run had finished.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        why = opt_text(reason, "reason")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await request_run(self._runtime, run_id, "cancel", why)
+
+    async def pause(self, run_id: str) -> bool:
+        """Stop a run at its next step boundary and mark it ``paused`` (a waiting run at
+        once); idempotent. False if the run had finished.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            return await request_run(self._runtime, run_id, "pause", None)
+
+    async def unpause(self, run_id: str) -> bool:
+        """Make a paused run due again: it continues where it stopped (a waiting run goes
+        back to waiting). False if it was not paused.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        run_id = text_arg(run_id, "run id")
+        await self._ensure_ready()
+        with naming(run_id, None):
+            row = await self._store.load(run_id)
+            if row is None:
+                raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
+            return await self._runtime.unpause(row)
 
 
 def check_unfinished(row: RunRow) -> None:

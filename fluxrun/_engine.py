@@ -15,7 +15,7 @@ from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
 from ._codec import DEFAULT_MAX_SIZE
-from ._control import RunHandle, prepare_run, request_run, send_signal, start_run
+from ._control import RunControl, opt_text, prepare_run, start_run
 from ._definition import WorkflowDefinition
 from ._lease import LeaseKeeper
 from ._options import hooks_from, naming, sinks_from, text_arg
@@ -48,7 +48,7 @@ _NO_TIMEOUT_RETRY = RetryPolicy()
 _MAX_LEASE = 7 * 86400.0
 
 
-class FluxEngine:
+class FluxEngine(RunControl):
     """Runs workflows durably on a store.
 
     Args:
@@ -322,8 +322,8 @@ class FluxEngine:
             self._runtime,
             definition,
             input,
-            run_id=_opt_text(id, "id"),
-            idempotency_key=_opt_text(idempotency_key, "idempotency_key"),
+            run_id=opt_text(id, "id"),
+            idempotency_key=opt_text(idempotency_key, "idempotency_key"),
             delay=None,
         )
         await self._ensure_ready()
@@ -357,114 +357,6 @@ class FluxEngine:
             # Asleep (or backing off): the scheduler wakes it; wait for what it comes to.
             later = await self._runtime.wait_result(run_id, None)
             return dataclasses.replace(later, duration_ms=(time.perf_counter() - started) * 1000.0)
-
-    async def start(
-        self,
-        flow: FlowLike,
-        input: Any = None,
-        *,
-        id: str | None = None,
-        idempotency_key: str | None = None,
-        delay: float | dt.timedelta | None = None,
-    ) -> RunHandle:
-        """Store a new run and return at once; the scheduler drives it (in this process,
-        unless another engine claims it first).
-
-        Two starts of one workflow with the same ``idempotency_key`` (or the same ``id``),
-        from any processes at once, make one run: the second gets a handle to the first
-        (``handle.created`` is False). ``delay`` (seconds or timedelta) makes the run due
-        that much later.
-
-        Raises:
-            InvalidInputError: the input failed validation or cannot be stored.
-            IdempotencyConflictError: the key (or id) is taken by a run with another input.
-        """
-        definition = self._registry.adopt(flow)
-        wait = None
-        if delay is not None:
-            try:
-                wait = seconds(delay, "delay", allow_zero=True)
-            except DefinitionError as exc:
-                raise InvalidArgumentError(exc.message) from None
-        new = prepare_run(
-            self._runtime,
-            definition,
-            input,
-            run_id=_opt_text(id, "id"),
-            idempotency_key=_opt_text(idempotency_key, "idempotency_key"),
-            delay=wait,
-        )
-        await self._ensure_ready()
-        with naming(new.row.id, definition.name):
-            run_id, created = await start_run(self._runtime, new, own=False)
-        if created:
-            self._scheduler.wake()
-        return RunHandle(self, run_id, created=created)
-
-    def handle(self, run_id: str) -> RunHandle:
-        """A handle on an existing run (by id), to wait for its result."""
-        return RunHandle(self, text_arg(run_id, "run id"))
-
-    async def send_signal(
-        self, run_id: str, name: str, payload: Any = None, *, dedupe_key: str | None = None
-    ) -> bool:
-        """Put a signal in a run's inbox; the run takes it when it waits for ``name`` (at
-        once if it waits now). Signals of one name are taken oldest first, each by one
-        wait. Returns False when ``dedupe_key`` was already used for this run.
-
-        Raises:
-            WorkflowNotFoundError: no run has this id.
-            InvalidStateError: the run is finished.
-            InvalidInputError: the payload cannot be stored.
-        """
-        run_id = text_arg(run_id, "run id")
-        name = text_arg(name, "signal name")
-        dedupe = _opt_text(dedupe_key, "dedupe_key")
-        await self._ensure_ready()
-        with naming(run_id, None):
-            return await send_signal(self._runtime, run_id, name, payload, dedupe)
-
-    async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:
-        """Cancel a run: a running async step is interrupted at once (a sync one at its
-        end), the completed steps are compensated (rule 11, the pivot rule applies) and the
-        run ends ``cancelled`` with ``reason``. Works whoever drives the run, and on
-        suspended, sleeping and paused runs; idempotent. False if the run had finished.
-
-        Raises:
-            WorkflowNotFoundError: no run has this id.
-        """
-        run_id = text_arg(run_id, "run id")
-        why = _opt_text(reason, "reason")
-        await self._ensure_ready()
-        with naming(run_id, None):
-            return await request_run(self._runtime, run_id, "cancel", why)
-
-    async def pause(self, run_id: str) -> bool:
-        """Stop a run at its next step boundary and mark it ``paused`` (a waiting run at
-        once); idempotent. False if the run had finished.
-
-        Raises:
-            WorkflowNotFoundError: no run has this id.
-        """
-        run_id = text_arg(run_id, "run id")
-        await self._ensure_ready()
-        with naming(run_id, None):
-            return await request_run(self._runtime, run_id, "pause", None)
-
-    async def unpause(self, run_id: str) -> bool:
-        """Make a paused run due again: it continues where it stopped (a waiting run goes
-        back to waiting). False if it was not paused.
-
-        Raises:
-            WorkflowNotFoundError: no run has this id.
-        """
-        run_id = text_arg(run_id, "run id")
-        await self._ensure_ready()
-        with naming(run_id, None):
-            row = await self._store.load(run_id)
-            if row is None:
-                raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
-            return await self._runtime.unpause(row)
 
     async def _load_for(self, definition: WorkflowDefinition, run_id: str) -> RunRow | None:
         row = await self._store.load(run_id)
@@ -662,7 +554,3 @@ class FluxEngine:
             )
         with naming(run_id, None):
             return await self._store.delete(run_id)
-
-
-def _opt_text(value: str | None, what: str) -> str | None:
-    return None if value is None else text_arg(value, what)
