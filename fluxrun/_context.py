@@ -22,6 +22,7 @@ __all__ = [
     "SleepMarker",
     "WaitMarker",
     "WorkflowContext",
+    "duration_seconds",
     "sleep",
     "sleep_until",
     "wait",
@@ -70,7 +71,7 @@ def _made(marker: Marker) -> None:
         made.append(marker)
 
 
-def _duration(value: object, what: str, *, allow_zero: bool) -> float:
+def duration_seconds(value: object, what: str, *, allow_zero: bool) -> float:
     if isinstance(value, dt.timedelta):
         result = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -100,7 +101,9 @@ def wait(signal: str, *, timeout: float | dt.timedelta | None = None) -> WaitMar
         validate_text(signal, "signal name")
     except SerializationError as exc:
         raise InvalidArgumentError(exc.message) from None
-    seconds = None if timeout is None else _duration(timeout, "wait timeout", allow_zero=False)
+    seconds = (
+        None if timeout is None else duration_seconds(timeout, "wait timeout", allow_zero=False)
+    )
     marker = WaitMarker(signal, seconds)
     _made(marker)
     return marker
@@ -114,7 +117,7 @@ def sleep(duration: float | dt.timedelta) -> SleepMarker:
     store's clock), and the step is recorded ``completed`` when it wakes (the handler is
     not called again).
     """
-    marker = SleepMarker(seconds=_duration(duration, "sleep duration", allow_zero=True))
+    marker = SleepMarker(seconds=duration_seconds(duration, "sleep duration", allow_zero=True))
     _made(marker)
     return marker
 

@@ -9,9 +9,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._codec import validate_text
+from ._context import SleepMarker, duration_seconds, sleep
 from ._invoke import is_async
 from ._retry import RetryPolicy, seconds
-from .errors import DefinitionError, EmptyWorkflowError, InvalidInputError, SerializationError
+from .errors import (
+    DefinitionError,
+    EmptyWorkflowError,
+    InvalidArgumentError,
+    InvalidInputError,
+    SerializationError,
+)
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -130,6 +137,8 @@ class StepDefinition:
     when: Condition | None = None
     commit: bool = False
     retry: RetryPolicy | None = None
+    kind: str = "step"
+    """``"step"``, or ``"sleep"`` for a builder ``.sleep`` step (for overviews and graphs)."""
     handler_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
     compensate_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -329,6 +338,48 @@ class WorkflowBuilder:
         self._built = None
         return self
 
+    def sleep(
+        self,
+        name: str,
+        duration: float | dt.timedelta,
+        *,
+        when: Condition | None = None,
+    ) -> WorkflowBuilder:
+        """Append a step that sleeps ``duration`` (seconds or timedelta), durably: the run
+        holds nothing while it sleeps and wakes after any restart, never early. It shows
+        in the history like any step (``completed`` when it wakes).
+
+        Raises:
+            DefinitionError: ``duration`` is not a finite duration >= 0 (at most 100 years).
+        """
+        try:
+            marker = _sleep_marker(duration)
+        except InvalidArgumentError as exc:
+            raise DefinitionError(
+                f"workflow {self._name!r}, sleep step {name!r}: {exc.message}",
+                workflow_name=self._name,
+                step=name if isinstance(name, str) else None,
+            ) from None
+        seconds_ = marker.seconds or 0.0
+
+        def sleeps(ctx: Any) -> SleepMarker:
+            return sleep(seconds_)
+
+        step = _make_step(
+            self._name,
+            name,
+            sleeps,
+            commit=False,
+            retries=0,
+            timeout=None,
+            when=when,
+            compensate=None,
+            retry=None,
+        )
+        self._steps.append(dataclasses.replace(step, kind="sleep"))
+        self._built = None
+        return self
+
     def commit(
         self,
         name: str,
@@ -375,6 +426,10 @@ class WorkflowBuilder:
     def describe(self) -> WorkflowDescriptor:
         """A serializable overview (works before any step is added)."""
         return _describe(self._name, self._version, self._steps)
+
+
+def _sleep_marker(duration: object) -> SleepMarker:
+    return SleepMarker(seconds=duration_seconds(duration, "sleep duration", allow_zero=True))
 
 
 def create_workflow(name: str) -> WorkflowBuilder:

@@ -72,7 +72,8 @@ class StepExecution:
     waits between them; ``retries`` counts the retries used (attempts - 1). For a failed step,
     or a step whose compensation failed (status ``compensating``), ``error`` is the message,
     ``error_type`` the exception's qualified class name (``"builtins.KeyError"``) and
-    ``traceback`` its formatted traceback (the last 16 KB).
+    ``traceback`` its formatted traceback (the last 16 KB). ``wake_at``: for a step suspended
+    on a sleep (or a wait with a timeout), when it wakes (or times out).
     """
 
     name: str
@@ -88,6 +89,7 @@ class StepExecution:
     retries: int = 0
     error_type: str | None = None
     traceback: str | None = None
+    wake_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,9 @@ class WorkflowState:
     """A run as stored: what ``engine.get`` and ``engine.list`` return.
 
     ``version`` rises by one on every save; ``current_step`` is the index of the step the run
-    is at (the one running, or the last one it reached).
+    is at (the one running, or the last one it reached). ``wake_at``: when a waiting run
+    becomes due by itself (a sleep's end, a retry after a backoff, a wait's timeout, a
+    delayed start), else None.
     """
 
     id: str
@@ -136,6 +140,7 @@ class WorkflowState:
     error: str | None
     version: int
     definition_version: str | None = None
+    wake_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

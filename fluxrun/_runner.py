@@ -281,6 +281,8 @@ class RunDriver(RollbackDriver):
             run_after=wake,
             release=True,
         )
+        if wake is not None:
+            self.history[index] = replace(self.history[index], wake_at=wake)
         self.tracked.accept()
         return self.result()
 

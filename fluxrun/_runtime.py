@@ -384,7 +384,7 @@ def stored_result(row: RunRow, started: float) -> FluxResult:
         id=row.id,
         status=WorkflowStatus(row.status),
         data=replay_data(row.steps),
-        history=history(row.step_names, row.steps),
+        history=history(row.step_names, row.steps, row.run_after),
         duration_ms=(time.perf_counter() - started) * 1000.0,
         error=error,
     )

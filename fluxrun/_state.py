@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -33,13 +35,22 @@ def entry(row: StepRow) -> StepExecution:
     )
 
 
-def history(step_names: Iterable[str], rows: Iterable[StepRow]) -> tuple[StepExecution, ...]:
-    """One entry per step: recorded ones from their rows, the others ``pending``."""
+def history(
+    step_names: Iterable[str], rows: Iterable[StepRow], wake_at: dt.datetime | None = None
+) -> tuple[StepExecution, ...]:
+    """One entry per step: recorded ones from their rows, the others ``pending``; a
+    suspended step shows ``wake_at`` (the run's timer)."""
     by_index = {r.index: r for r in rows}
     return tuple(
-        entry(by_index[i]) if i in by_index else StepExecution(name=name)
+        _with_wake(entry(by_index[i]), wake_at) if i in by_index else StepExecution(name=name)
         for i, name in enumerate(step_names)
     )
+
+
+def _with_wake(e: StepExecution, wake_at: dt.datetime | None) -> StepExecution:
+    if wake_at is None or e.status is not StepStatus.SUSPENDED:
+        return e
+    return dataclasses.replace(e, wake_at=wake_at)
 
 
 def changes_text(sets: dict[str, str], dels: Iterable[str]) -> str:
@@ -105,11 +116,14 @@ def to_state(row: RunRow, spec: InputSpec | None) -> WorkflowState:
         input=revive_input(row.input, spec),
         data=replay_data(row.steps),
         current_step=row.current_step,
-        history=history(row.step_names, row.steps),
+        history=history(row.step_names, row.steps, row.run_after),
         created_at=row.created_at,
         updated_at=row.updated_at,
         completed_at=row.completed_at,
         error=row.error,
         version=row.version,
         definition_version=row.definition_version,
+        wake_at=row.run_after
+        if row.status in (WorkflowStatus.SUSPENDED.value, WorkflowStatus.PENDING.value)
+        else None,
     )
