@@ -95,7 +95,7 @@ def prepare_run(
         version=1,
         fence=1,
         definition_version=definition.version,
-        run_after=None if not delay else now + dt.timedelta(seconds=delay),
+        run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
     )
     hashed = _input_hash(input_text) if run_id is not None or idempotency_key else ""

@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import decode
 from ._context import WorkflowContext
 from ._data import TrackedData
@@ -82,6 +83,7 @@ class Settings:
     sync_timeout_grace: float = 60.0
     closing: Callable[[], bool] = lambda: False
     durable_backoff: float = 1.0
+    clock: Clock = SYSTEM_CLOCK
 
 
 _INTERRUPT = "fluxrun: run cancelled"
@@ -453,7 +455,7 @@ class DriverBase(RunMachine):
         if delay > 0:
             self._interruptible = not compensating
             try:
-                await asyncio.sleep(delay)
+                await self.settings.clock.sleep(delay)
             except asyncio.CancelledError:
                 self._absorb_cancel()
                 raise Interrupted() from None
@@ -488,6 +490,7 @@ class DriverBase(RunMachine):
     ) -> None:
         """Keep a long wait before the next attempt in the store, and let the run go."""
         now = utcnow()
+        wake = self.settings.clock.now() + dt.timedelta(seconds=delay)
         log = failed.log_row(index, step.name, "step")
         self.current_step = index
         self.wait_kind = "backoff"
@@ -498,7 +501,7 @@ class DriverBase(RunMachine):
             attempt=failed.attempts,
             wait_kind="backoff",
             wait_name=None,
-            run_after=now + dt.timedelta(seconds=delay),
+            run_after=wake,
             release=True,
         )
         await self._retry_told(index, step, failed, retries, False, delay)

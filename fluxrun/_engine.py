@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
+from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_SIZE
 from ._control import RunControl, opt_text, prepare_run, start_run
 from ._definition import WorkflowDefinition
@@ -82,6 +83,8 @@ class FluxEngine(RunControl):
             in this process is seen at once.
         durable_backoff: A wait before a retry longer than this many seconds is kept in the
             store (the run sleeps, holding nothing) instead of in memory.
+        clock: What timers are judged by (default: the system clock); tests pass a
+            ``fluxrun.testing.FakeClock`` (to the store as well).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class FluxEngine(RunControl):
         max_concurrent_runs: int = 32,
         poll_interval: float | dt.timedelta = 1.0,
         durable_backoff: float | dt.timedelta = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         if type(default_retries) is not int or default_retries < 0:
             raise InvalidArgumentError(
@@ -119,6 +123,8 @@ class FluxEngine(RunControl):
             raise InvalidArgumentError(
                 f"max_concurrent_runs must be an int >= 1, got {max_concurrent_runs!r}"
             )
+        if clock is not None and not isinstance(clock, Clock):
+            raise InvalidArgumentError(f"clock must be a fluxrun clock, got {clock!r}")
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise InvalidArgumentError(f"retry_policy must be a RetryPolicy, got {retry_policy!r}")
         try:
@@ -150,6 +156,7 @@ class FluxEngine(RunControl):
             sync_timeout_grace=grace,
             closing=self._is_closing,
             durable_backoff=backoff,
+            clock=clock or SYSTEM_CLOCK,
         )
         self._keeper = LeaseKeeper(
             self._store, owner=self.owner, lease_seconds=lease_seconds, log=self.emitter.log
@@ -166,6 +173,7 @@ class FluxEngine(RunControl):
         )
         self._keeper.on_request = self._on_request
         self._scheduler = Scheduler(self._runtime, max_concurrent=max_concurrent_runs)
+        self.settings.clock.subscribe(self._clock_moved)
         self._recover_on_start = bool(recover_on_start)
         self._ready = False
         self._closing = False
@@ -289,6 +297,12 @@ class FluxEngine(RunControl):
 
     def _spec_for(self, name: str) -> Any:
         return self._registry.input_spec(name)
+
+    def _clock_moved(self) -> None:
+        # A test moved its fake clock: leases first (so they do not look expired), then
+        # look for what came due.
+        self._keeper.renew_now()
+        self._scheduler.wake()
 
     def _on_request(self, run_id: str, kind: str) -> None:
         # A lease renewal saw a cancel or pause asked of a run driven here.

@@ -227,15 +227,18 @@ class RunDriver(RollbackDriver):
         """Suspend the run on a wait or a sleep; None if it goes on at once (the signal was
         in the inbox already, or the sleep is over)."""
         now = utcnow()
+        timers = self.settings.clock.now()  # a test's fake clock, or the system's
         taken = None
         if isinstance(marker, WaitMarker):
             signal = marker.signal
-            wake = None if marker.timeout is None else now + dt.timedelta(seconds=marker.timeout)
+            wake = None
+            if marker.timeout is not None:
+                wake = timers + dt.timedelta(seconds=marker.timeout)
             # A signal sent before the run got here waits in the inbox: take it now.
             taken = await self.store.first_signal(self.id, signal)
         else:
             signal = None
-            wake = marker.until or now + dt.timedelta(seconds=marker.seconds or 0.0)
+            wake = marker.until or timers + dt.timedelta(seconds=marker.seconds or 0.0)
         row = StepRow(
             index=index,
             name=step.name,
@@ -248,7 +251,7 @@ class RunDriver(RollbackDriver):
             changes=changes,
             fence=self.fence,
         )
-        if taken is not None or (signal is None and wake is not None and wake <= now):
+        if taken is not None or (signal is None and wake is not None and wake <= timers):
             output = None if taken is None else taken.payload
             done = replace(row, status=_COMPLETED, completed_at=now, output=output)
             if signal is not None and taken is not None:

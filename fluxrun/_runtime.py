@@ -230,7 +230,8 @@ class Runtime:
             except ConcurrentModificationError:
                 pass  # someone else drives it (or changed it): wait for what it comes to
             else:
-                timer_due = row.run_after is not None and row.run_after <= utcnow()
+                now = self.settings.clock.now()
+                timer_due = row.run_after is not None and row.run_after <= now
                 outcome = await self.continue_claimed(
                     run_id, definition, applied.fence, timer_due=timer_due
                 )

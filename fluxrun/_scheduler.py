@@ -18,7 +18,6 @@ import asyncio
 import functools
 from typing import Any
 
-from ._driver import utcnow
 from ._records import FluxResult
 from ._runtime import Runtime
 
@@ -108,7 +107,8 @@ class Scheduler:
         due = await self._rt.store.next_due(names)
         if due is None:
             return poll
-        return max(_MIN_WAIT, min(poll, (due - utcnow()).total_seconds()))
+        left = (due - self._rt.settings.clock.now()).total_seconds()
+        return max(_MIN_WAIT, min(poll, left))
 
     async def claim_pass(self, limit: int | None = None) -> list[asyncio.Task[FluxResult | None]]:
         """Claim up to the free slots (or ``limit``) of due runs and start driving them."""
