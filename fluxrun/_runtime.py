@@ -57,6 +57,7 @@ PARK_SECONDS = 60.0
 looked at (and logged) again."""
 
 _SUSPENDED = WorkflowStatus.SUSPENDED.value
+_TIMED = ("sleep", "backoff", "signal")  # a signal wait may have a timeout
 
 
 def wants_result(status: str, wait_kind: str | None) -> bool:
@@ -100,8 +101,10 @@ class Runtime:
         self.active: dict[str, RunDriver] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, set[asyncio.Future[FluxResult]]] = {}
-        # Called when a drive ends (a slot frees up, or it made more work due).
+        # Called when something may have become due here (a start, a signal, an unpause).
         self.on_idle: Callable[[], None] = lambda: None
+        # Called when a drive ends, with whether the run now waits on a timer.
+        self.on_drive_end: Callable[[bool], None] = lambda timer: None
 
     # -- drivers ---------------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class Runtime:
             self.active.pop(driver.id, None)
             self._ended.pop(driver.id, None)
             ended.set()
-            self.on_idle()
+            self.on_drive_end(driver.wait_kind in _TIMED)
         if driver.status not in TERMINAL_STATUSES:
             # Its wake-up (a timer, a signal, an unpause) comes through the scheduler, which
             # drives registered workflows only: a run started from a builder is adopted.

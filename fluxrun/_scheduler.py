@@ -41,7 +41,10 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         # Runs this loop claimed and drives now -> their task (recover() waits for them).
         self.inflight: dict[str, asyncio.Task[FluxResult | None]] = {}
+        # Whether the loop waits for a slot to free up (then a finished drive wakes it).
+        self._starved = False
         runtime.on_idle = self.wake
+        runtime.on_drive_end = self._drive_ended
 
     @property
     def running(self) -> bool:
@@ -62,6 +65,12 @@ class Scheduler:
     def wake(self) -> None:
         """Look for due runs now (something became due or a slot freed up)."""
         self._wake.set()
+
+    def _drive_ended(self, timer: bool) -> None:
+        # A plain run ending wakes nobody (no claim pass per run on the fast path); a run
+        # that now waits on a timer may be due before the loop meant to look again.
+        if timer or self._starved:
+            self._wake.set()
 
     async def stop(self) -> None:
         """Stop claiming (runs in flight go on; close() waits for them)."""
@@ -99,7 +108,8 @@ class Scheduler:
     async def _idle_wait(self) -> float:
         """How long to sleep before the next pass."""
         poll = self._rt.poll_interval
-        if self.free() <= 0:
+        self._starved = self.free() <= 0
+        if self._starved:
             return poll  # a finishing drive wakes the loop
         names = self._rt.registry.names
         if not names:
