@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -140,6 +141,11 @@ class StepPrinter:
 
 
 async def main_async(db: Path) -> None:
+    # SIGTERM (like Ctrl-C) leaves `async with` cleanly: close() releases every run it was
+    # driving, so the next process on this database continues them at once.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     trace = JsonFileTraceSink(db.with_suffix(".trace.ndjson"), reset=False)
     async with FluxEngine(storage=SQLiteStorage(db), trace=[StepPrinter(), trace]) as engine:
         orders = [  # (title, items, total, card, address)
