@@ -437,11 +437,15 @@ class Store(abc.ABC):
         """Append a signal (``payload``: encoded JSON text) to an unfinished run's inbox.
 
         The run's row is locked first, so a transition that checks the inbox before
-        suspending cannot miss a signal sent meanwhile. The run itself is not changed.
+        suspending cannot miss a signal sent meanwhile. The run itself is not changed. A
+        ``dedupe_key`` seen before for the run gives ``created=False`` (and the earlier
+        row's ``seq``), even when the run has finished since: a sender's retry is answered,
+        not refused.
 
         Raises:
             WorkflowNotFoundError: no run has this id.
-            InvalidStateError: the run is finished (see :data:`FINISHED_STATUSES`).
+            InvalidStateError: the run is finished (see :data:`FINISHED_STATUSES`) and the
+                signal is not a repeat.
         """
 
     @abc.abstractmethod

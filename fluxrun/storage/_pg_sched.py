@@ -189,6 +189,15 @@ async def send_signal(
         if not run:
             raise not_found_error(run_id)
         if run[0][1] in FINISHED_STATUSES:
+            # A repeat is answered as such even when the run has finished since (a retry).
+            if dedupe_key is not None:
+                seen = await fetchall(
+                    conn,
+                    "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
+                    (run_id, dedupe_key),
+                )
+                if seen:
+                    return SignalSent(seen[0][0], False)
             raise finished_error(run_id, run[0][0], run[0][1])
         inserted = await fetchall(
             conn,

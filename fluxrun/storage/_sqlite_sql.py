@@ -420,10 +420,8 @@ def send_signal(
     if run is None:
         conn.execute("ROLLBACK")
         raise not_found_error(run_id)
-    if run[1] in FINISHED_STATUSES:
-        conn.execute("ROLLBACK")
-        raise finished_error(run_id, run[0], run[1])
     if dedupe_key is not None:
+        # A repeat is answered as such even when the run has finished since (a retry).
         seen = conn.execute(
             "SELECT seq FROM flux_signals WHERE run_id = ? AND dedupe_key = ?",
             (run_id, dedupe_key),
@@ -431,6 +429,9 @@ def send_signal(
         if seen is not None:
             conn.execute("ROLLBACK")
             return SignalSent(seen[0], False)
+    if run[1] in FINISHED_STATUSES:
+        conn.execute("ROLLBACK")
+        raise finished_error(run_id, run[0], run[1])
     seq: int = conn.execute(
         "INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
         "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals WHERE run_id = ?), "

@@ -426,12 +426,14 @@ class MemoryStorage(Store):
             entry = self._runs.get(run_id)
             if entry is None:
                 raise not_found_error(run_id)
-            if entry.row.status in FINISHED_STATUSES:
-                raise finished_error(run_id, entry.row.name, entry.row.status)
             if dedupe_key is not None:
+                # A repeat of a signal sent before is answered as such even when the run
+                # has finished since (perhaps because of that signal): a sender's retry.
                 for s in entry.signals:
                     if s.dedupe_key == dedupe_key:
                         return SignalSent(s.seq, False)
+            if entry.row.status in FINISHED_STATUSES:
+                raise finished_error(run_id, entry.row.name, entry.row.status)
             seq = len(entry.signals) + 1
             entry.signals.append(SignalRow(seq, name, payload, dedupe_key, self._now()))
             return SignalSent(seq, True)

@@ -310,6 +310,20 @@ async def test_signals_to_unknown_or_finished_runs_are_refused(store: Store) -> 
     assert (await store.send_signal("paused", "go", "1")).created
 
 
+async def test_a_repeated_signal_to_a_run_finished_since_is_answered_false(store: Store) -> None:
+    # A sender retrying with its dedupe key after the signal finished the run (two senders
+    # racing, say) is told "seen before", not refused: the key decides before the status.
+    await add(store, "r1", owner="a", status="running")
+    assert await store.send_signal("r1", "go", "1", dedupe_key="k") == SignalSent(1, True)
+    await store.apply(t("r1", 1, fence=1, status="completed", release=True))
+    assert await store.send_signal("r1", "go", "2", dedupe_key="k") == SignalSent(1, False)
+    with pytest.raises(InvalidStateError):
+        await store.send_signal("r1", "go", "3", dedupe_key="other")
+    with pytest.raises(InvalidStateError):
+        await store.send_signal("r1", "go", "4")
+    assert [s.payload for s in await store.list_signals("r1")] == ["1"]
+
+
 async def test_a_signal_payload_must_be_json(store: Store) -> None:
     await add(store, "r1")
     for bad in ("{", "NaN", "", "[1,]"):
