@@ -149,6 +149,12 @@ async def send_signal(
 
 async def request_run(rt: Runtime, run_id: str, kind: str, reason: str | None) -> bool:
     """Ask for a cancel or pause of a run; False if the run is already finished."""
+    if kind == "pause":
+        row = await rt.store.load(run_id)
+        if row is not None and row.status == WorkflowStatus.PAUSED.value:
+            # Paused already: a stored request would only make the run due (a claim that
+            # changes nothing, and races an unpause).
+            return True
     asked = await rt.store.request(run_id, kind, reason)  # type: ignore[arg-type]
     if asked:
         # The driver here (if any) acts at once; otherwise a claimer sees it in the row.
