@@ -229,6 +229,7 @@ class DriverBase(RunMachine):
         self.request_reason: str | None = None
         self.task: asyncio.Task[Any] | None = None
         self._interruptible = False
+        self._cut_at_close = False
         # What the run waits for after this drive, when it suspended ("signal", "sleep",
         # "backoff"): a caller waiting for its result waits through sleeps and backoffs.
         self.wait_kind: str | None = None
@@ -470,18 +471,35 @@ class DriverBase(RunMachine):
         if kind == "cancel" and self._interruptible and self.task is not None:
             self.task.cancel(_INTERRUPT)
 
+    def cut_at_close(self) -> None:
+        """close() stopped waiting for this run: cut a running async attempt (or an
+        in-memory backoff) short, so that the run is released at once (its caller gets
+        :class:`EngineClosedError`). A sync attempt's thread cannot be stopped: its run
+        stays owned (two attempts never run at once) until its lease expires."""
+        if self._interruptible and self.task is not None:
+            self._cut_at_close = True
+            self.task.cancel(_INTERRUPT)
+
     def _absorb_cancel(self) -> None:
-        """Turn this driver's own interruption back into normal flow; re-raise any other
-        cancellation (the caller's or the event loop's)."""
+        """Turn this driver's own interruption back into normal flow (a cancel of the run)
+        or into :class:`EngineClosedError` (a close); re-raise any other cancellation (the
+        caller's or the event loop's)."""
         task = self.task
         if (
-            self.request != "cancel"
+            (self.request != "cancel" and not self._cut_at_close)
             or task is None
             or task is not asyncio.current_task()
             or task.cancelling() == 0
         ):
             raise asyncio.CancelledError()
         task.uncancel()
+        if self._cut_at_close:
+            raise EngineClosedError(
+                f"run {self.id!r}: the engine was closed while a step ran; the run was "
+                "released and another engine continues it",
+                workflow_id=self.id,
+                workflow_name=self.definition.name,
+            )
 
     async def _store_backoff(
         self, index: int, step: StepDefinition, failed: Failed, retries: int, delay: float

@@ -43,6 +43,7 @@ from ._state import history, replay_data
 from ._trace import Emitter
 from .errors import (
     ConcurrentModificationError,
+    EngineClosedError,
     FluxError,
     WaitTimeoutError,
     WorkflowNotFoundError,
@@ -186,6 +187,14 @@ class Runtime:
                 f"{driver.label}: could not release the run after "
                 f"{type(exc).__name__}; it is recovered when its lease expires ({failure!r})"
             )
+
+    async def stop_driving(self, timeout: float) -> None:
+        """At close: wait (at most ``timeout`` seconds) for the runs driven here to reach a
+        step boundary, then cut the async attempts still running short, so that their runs
+        are released (see :meth:`RunDriver.cut_at_close`)."""
+        await self.wait_idle(timeout)
+        for driver in list(self.active.values()):
+            driver.cut_at_close()
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until no run is driven here."""
@@ -348,6 +357,13 @@ class Runtime:
             fut: asyncio.Future[FluxResult] = loop.create_future()
             self._watchers.setdefault(run_id, set()).add(fut)
             try:
+                if run_id not in self.active and self.settings.closing():
+                    # Nothing here will drive it, report on it, or read the store again.
+                    raise EngineClosedError(
+                        f"run {run_id!r}: the engine was closed before the run finished or "
+                        "stopped to wait; another engine continues it",
+                        workflow_id=run_id,
+                    )
                 if run_id not in self.active:
                     row = await self.store.load(run_id)
                     if row is None:
