@@ -1,0 +1,662 @@
+"""SPEC §5, acting on runs: ``cancel`` (running async and sync steps, suspended, sleeping and
+paused runs, compensation and the pivot rule), ``pause`` / ``unpause`` (and ``resume`` of a
+paused run), and idempotent ``start``; on every store.
+
+Steps that must be "running" when the test acts wait on an event the test controls; nothing
+depends on how long anything takes (``HANG`` is a hang guard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+from typing import Any
+
+import pytest
+from sched_support import HANG, Engines, load, stored_as, until
+
+from fluxrun import (
+    EngineClosedError,
+    FluxResult,
+    IdempotencyConflictError,
+    RetryPolicy,
+    StepStatus,
+    WorkflowContext,
+    WorkflowNotFoundError,
+    WorkflowStatus,
+    create_workflow,
+    sleep,
+    sleep_until,
+    wait,
+)
+
+HOUR = 3600.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def noop(ctx: WorkflowContext) -> None:
+    """A step that does nothing."""
+
+
+class Log:
+    """What the steps and compensations did, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def step(self, name: str) -> Any:
+        def run(ctx: WorkflowContext) -> None:
+            self.lines.append(name)
+
+        return run
+
+    def undo(self, name: str) -> Any:
+        def run(ctx: WorkflowContext) -> None:
+            self.lines.append(f"undo {name}")
+
+        return run
+
+    def forever(self, name: str, began: asyncio.Event) -> Any:
+        """An async step that never ends by itself: it awaits an event nobody sets."""
+
+        async def run(ctx: WorkflowContext) -> None:
+            self.lines.append(name)
+            began.set()
+            await asyncio.Event().wait()
+            self.lines.append(f"{name} went on")  # pragma: no cover - never reached
+
+        return run
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
+
+
+async def _finished(engine: Any, run_id: str) -> FluxResult | None:
+    row = await load(engine, run_id)
+    if row.status in ("completed", "failed", "rolled_back", "cancelled", "compensation_failed"):
+        result: FluxResult = await engine.handle(run_id).result(timeout=HANG)
+        return result
+    return None
+
+
+async def finished(engine: Any, run_id: str) -> FluxResult:
+    found: FluxResult = await until(lambda: _finished(engine, run_id), f"run {run_id} finishes")
+    return found
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+async def test_cancel_interrupts_a_running_async_step_and_compensates(engines: Engines) -> None:
+    engine = await engines.open()
+    log, began = Log(), asyncio.Event()
+    flow = (
+        create_workflow("cancel-async")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", log.step("b"), compensate=log.undo("b"))
+        .step("c", log.forever("c", began), compensate=log.undo("c"))
+        .step("d", log.step("d"))
+    )
+    handle = await engine.start(flow)
+    await asyncio.wait_for(began.wait(), HANG)
+    assert await engine.cancel(handle.id, reason="customer asked") is True
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "b", "c", "undo b", "undo a"]
+    assert [h.status for h in result.history] == [
+        StepStatus.COMPENSATED,
+        StepStatus.COMPENSATED,
+        StepStatus.PENDING,
+        StepStatus.PENDING,
+    ]
+    state = await handle.state()
+    assert state.status is WorkflowStatus.CANCELLED
+    assert state.error is not None and "customer asked" in state.error
+    assert state.completed_at is not None
+    assert result.error is not None and "customer asked" in str(result.error)
+    row = await load(engine, handle.id)
+    assert row.owner is None and row.requested is None
+    assert len(engine._runtime.active) == 0
+    # Finished: another cancel is refused with False.
+    assert await engine.cancel(handle.id, reason="again") is False
+    assert (await handle.state()).error == state.error
+
+
+async def test_cancel_twice_is_idempotent(engines: Engines) -> None:
+    engine = await engines.open()
+    log, began = Log(), asyncio.Event()
+    flow = (
+        create_workflow("cancel-twice")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", log.forever("b", began))
+    )
+    handle = await engine.start(flow)
+    await asyncio.wait_for(began.wait(), HANG)
+    first, second = await asyncio.gather(
+        engine.cancel(handle.id, reason="first"), handle.cancel(reason="second")
+    )
+    assert (first, second) == (True, True)
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "b", "undo a"]  # compensated once
+    assert await engine.cancel(handle.id) is False
+
+
+async def test_cancel_of_a_finished_or_unknown_run(engines: Engines) -> None:
+    engine = await engines.open()
+    done = await engine.execute(create_workflow("done").step("a", noop))
+    assert await engine.cancel(done.id) is False
+    assert (await engine.get(done.id)).status is WorkflowStatus.COMPLETED  # type: ignore[union-attr]
+    with pytest.raises(WorkflowNotFoundError):
+        await engine.cancel("no-such-run")
+
+
+async def test_cancel_a_sync_step_at_its_end(engines: Engines) -> None:
+    engine = await engines.open()
+    log = Log()
+    began, release = threading.Event(), threading.Event()
+
+    def blocking(ctx: WorkflowContext) -> None:
+        log.lines.append("b")
+        began.set()
+        release.wait(HANG)
+        log.lines.append("b finished")
+
+    flow = (
+        create_workflow("cancel-sync")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", blocking, compensate=log.undo("b"))
+        .step("c", log.step("c"))
+    )
+    handle = await engine.start(flow)
+    await until(lambda: _true(began.is_set()), "the sync step runs")
+    assert await engine.cancel(handle.id, reason="stop") is True
+    release.set()
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    # The sync step ran to its end and was recorded, then compensated; c never ran.
+    assert log.lines == ["a", "b", "b finished", "undo b", "undo a"]
+    assert [h.status for h in result.history] == [
+        StepStatus.COMPENSATED,
+        StepStatus.COMPENSATED,
+        StepStatus.PENDING,
+    ]
+
+
+async def test_cancel_a_run_waiting_for_a_signal(engines: Engines) -> None:
+    engine = await engines.open()
+    log = Log()
+    flow = (
+        create_workflow("cancel-waiting")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("w", lambda ctx: wait("approved", timeout=HOUR), compensate=log.undo("w"))
+        .step("b", log.step("b"))
+    )
+    handle = await engine.start(flow)
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
+    await stored_as(engine, handle.id, "suspended", wait_kind="signal")
+    assert await engine.cancel(handle.id, reason="no longer needed") is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "undo a"]  # the waiting step did not complete: not undone
+    state = await handle.state()
+    assert state.error is not None and "no longer needed" in state.error
+    row = await load(engine, handle.id)
+    assert row.owner is None and row.run_after is None and row.wait_kind is None
+
+
+async def test_cancel_a_sleeping_run(engines: Engines) -> None:
+    engine = await engines.open()
+    log = Log()
+    flow = (
+        create_workflow("cancel-sleeping")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("nap", lambda ctx: sleep(HOUR))
+        .step("b", log.step("b"))
+    )
+    handle = await engine.start(flow)
+    await stored_as(engine, handle.id, "suspended", wait_kind="sleep")
+    assert await engine.cancel(handle.id) is True
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "undo a"]
+    row = await load(engine, handle.id)
+    assert row.error == "cancelled" and row.run_after is None and row.owner is None
+
+
+async def test_cancel_a_paused_run(engines: Engines) -> None:
+    engine = await engines.open()
+    log, gate = Log(), asyncio.Event()
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("a")
+        await gate.wait()
+
+    flow = (
+        create_workflow("cancel-paused")
+        .step("a", held, compensate=log.undo("a"))
+        .step("b", log.step("b"))
+    )
+    handle = await engine.start(flow)
+    await until(lambda: _true(log.lines), "the first step runs")
+    assert await engine.pause(handle.id) is True
+    gate.set()
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    await stored_as(engine, handle.id, "paused")
+    assert await engine.cancel(handle.id, reason="dropped") is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "undo a"]
+
+
+async def test_cancel_stops_compensation_at_a_completed_commit_step(engines: Engines) -> None:
+    engine = await engines.open()
+    log, began = Log(), asyncio.Event()
+    flow = (
+        create_workflow("cancel-pivot")
+        .step("reserve", log.step("reserve"), compensate=log.undo("reserve"))
+        .commit("charge", log.step("charge"))
+        .step("label", log.step("label"), compensate=log.undo("label"))
+        .step("ship", log.forever("ship", began), compensate=log.undo("ship"))
+    )
+    handle = await engine.start(flow)
+    await asyncio.wait_for(began.wait(), HANG)
+    assert await engine.cancel(handle.id, reason="late") is True
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    # Only the step after the commit is undone; the ones up to it stand.
+    assert log.lines == ["reserve", "charge", "label", "ship", "undo label"]
+    assert [h.status for h in result.history] == [
+        StepStatus.COMPLETED,
+        StepStatus.COMPLETED,
+        StepStatus.COMPENSATED,
+        StepStatus.PENDING,
+    ]
+    state = await handle.state()
+    assert state.error is not None and "late" in state.error
+
+
+async def test_cancel_a_delayed_run_before_it_starts(engines: Engines) -> None:
+    engine = await engines.open()
+    log = Log()
+    flow = create_workflow("cancel-delayed").step("a", log.step("a"), compensate=log.undo("a"))
+    handle = await engine.start(flow, delay=HOUR)
+    assert await engine.cancel(handle.id, reason="never mind") is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == []
+    assert result.history[0].status is StepStatus.PENDING
+
+
+async def test_cancel_during_a_retry_backoff_in_memory(engines: Engines) -> None:
+    engine = await engines.open(durable_backoff=HOUR)
+    log = Log()
+
+    def failing(ctx: WorkflowContext) -> None:
+        log.lines.append(f"b{ctx.attempt}")
+        raise RuntimeError("down")
+
+    policy = RetryPolicy(initial_delay=HOUR / 2, jitter=False)
+    flow = (
+        create_workflow("cancel-backoff")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", failing, retries=3, retry=policy)
+    )
+    handle = await engine.start(flow)
+    await until(lambda: _true("b1" in log.lines), "the first attempt failed")
+    assert await engine.cancel(handle.id) is True  # the backoff is cut short
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "b1", "undo a"]
+
+
+async def test_cancel_and_pause_during_a_stored_retry_backoff(engines: Engines) -> None:
+    engine = await engines.open(durable_backoff=0)
+    log = Log()
+
+    def failing(ctx: WorkflowContext) -> None:
+        log.lines.append(f"b{ctx.attempt}")
+        raise RuntimeError("down")
+
+    policy = RetryPolicy(initial_delay=HOUR, jitter=False)
+    flow = (
+        create_workflow("cancel-stored-backoff")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", failing, retries=3, retry=policy)
+    )
+    handle = await engine.start(flow)
+    backing_off = await stored_as(engine, handle.id, "suspended", wait_kind="backoff")
+    assert await engine.pause(handle.id) is True
+    paused = await stored_as(engine, handle.id, "paused")
+    assert paused.run_after == backing_off.run_after and paused.attempt == 1
+    assert await engine.unpause(handle.id) is True
+    again = await stored_as(engine, handle.id, "suspended", wait_kind="backoff")
+    assert again.run_after == backing_off.run_after and again.attempt == 1
+    assert await engine.cancel(handle.id, reason="give up") is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "b1", "undo a"]
+
+
+async def test_cancel_and_pause_reach_a_run_another_engine_drives(engines: Engines) -> None:
+    """The owner learns of a request from its lease renewal (every third of the lease)."""
+    owner = await engines.open(lease=1.5)
+    other = await engines.open()
+    log, began = Log(), asyncio.Event()
+    gate = asyncio.Event()
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("p")
+        await gate.wait()
+
+    cancelled = (
+        create_workflow("remote-cancel")
+        .step("a", log.step("a"), compensate=log.undo("a"))
+        .step("b", log.forever("b", began))
+    )
+    paused = create_workflow("remote-pause").step("p", held).step("q", log.step("q"))
+    one = await owner.start(cancelled)
+    two = await owner.start(paused)
+    await asyncio.wait_for(began.wait(), HANG)
+    await until(lambda: _true("p" in log.lines), "the second run's step runs")
+    assert await other.cancel(one.id, reason="from elsewhere") is True
+    assert await other.pause(two.id) is True
+    result = await one.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert (await other.get(one.id)).error == "cancelled: from elsewhere"  # type: ignore[union-attr]
+    await until(lambda: _true(owner._runtime.active[two.id].request), "the pause arrives")
+    gate.set()
+    assert (await other.handle(two.id).result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    assert await other.unpause(two.id) is True
+    assert (await finished(other, two.id)).status is WorkflowStatus.COMPLETED
+    assert sorted(log.lines) == sorted(["a", "b", "p", "undo a", "q"])
+
+
+async def test_a_signal_sent_through_another_engine_reaches_the_run(engines: Engines) -> None:
+    owner = await engines.open()
+    other = await engines.open()  # the workflow is not registered there
+    flow = create_workflow("remote-signal").step("w", lambda ctx: wait("go")).step("e", noop)
+    handle = await owner.start(flow)
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
+    await stored_as(owner, handle.id, "suspended", wait_kind="signal")
+    assert await other.send_signal(handle.id, "go", "hi") is True
+    result = await finished(other, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert result.history[0].output == "hi"
+
+
+# -- close -----------------------------------------------------------------------------------
+
+
+async def test_close_lets_a_running_step_finish_and_releases_the_run(engines: Engines) -> None:
+    first = await engines.open()
+    log, gate = Log(), asyncio.Event()
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("a")
+        await gate.wait()
+
+    def flow_with(a: Any) -> Any:
+        return create_workflow("closing").step("a", a).step("b", log.step("b"))
+
+    handle = await first.start(flow_with(held))
+    await until(lambda: _true(log.lines), "the step runs")
+    waiting = asyncio.create_task(handle.result(timeout=HANG))
+    closing = asyncio.create_task(first.close(timeout=HANG))
+    await until(lambda: _true(first._closing), "the engine is closing")
+    gate.set()
+    await closing
+    with pytest.raises(EngineClosedError):
+        await waiting
+    second = await engines.open()
+    row = await load(second, handle.id)
+    assert row.owner is None  # released: the next engine need not wait for the lease
+    assert row.steps[0].status == "completed"
+    second.register(flow_with(log.step("a again")))
+    assert (await finished(second, handle.id)).status is WorkflowStatus.COMPLETED
+    assert log.lines == ["a", "b"]
+
+
+async def test_close_after_its_timeout_still_releases_a_stuck_run(engines: Engines) -> None:
+    first = await engines.open()
+    log, began = Log(), asyncio.Event()
+
+    def flow_with(a: Any) -> Any:
+        return create_workflow("stuck").step("a", a).step("b", log.step("b"))
+
+    handle = await first.start(flow_with(log.forever("a", began)))
+    await asyncio.wait_for(began.wait(), HANG)
+    await first.close(timeout=0.1)
+    second = await engines.open()
+    row = await load(second, handle.id)
+    assert row.owner is None
+    second.register(flow_with(log.step("a again")))
+    assert (await finished(second, handle.id)).status is WorkflowStatus.COMPLETED
+    assert log.lines == ["a", "a again", "b"]
+
+
+# -- pause / unpause -------------------------------------------------------------------------
+
+
+async def test_pause_a_running_run_then_unpause(engines: Engines) -> None:
+    engine = await engines.open()
+    log, gate = Log(), asyncio.Event()
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("a")
+        ctx.data["a"] = 1
+        await gate.wait()
+
+    flow = create_workflow("pause").step("a", held).step("b", log.step("b"))
+    handle = await engine.start(flow)
+    await until(lambda: _true(log.lines), "the first step runs")
+    assert await engine.pause(handle.id) is True
+    assert await engine.pause(handle.id) is True  # idempotent
+    gate.set()
+    paused = await handle.result(timeout=HANG)  # result() returns for a paused run
+    assert paused.status is WorkflowStatus.PAUSED
+    assert [h.status for h in paused.history] == [StepStatus.COMPLETED, StepStatus.PENDING]
+    row = await stored_as(engine, handle.id, "paused")
+    assert row.requested is None and row.current_step == 1
+    assert log.lines == ["a"]
+    assert len(engine._runtime.active) == 0
+    assert await engine.pause(handle.id) is True  # still idempotent when paused
+    assert (await load(engine, handle.id)).status == "paused"
+    assert await engine.unpause(handle.id) is True
+    assert await engine.unpause(handle.id) is False  # pending again: not paused
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert log.lines == ["a", "b"]  # a is not run again
+    assert result.data == {"a": 1}
+    assert await engine.pause(handle.id) is False
+    assert await engine.unpause(handle.id) is False
+
+
+async def test_unpause_of_a_run_that_is_not_paused(engines: Engines) -> None:
+    engine = await engines.open()
+    flow = create_workflow("not-paused").step("w", lambda ctx: wait("go"))
+    handle = await engine.start(flow)
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
+    await stored_as(engine, handle.id, "suspended", wait_kind="signal")
+    assert await engine.unpause(handle.id) is False
+    with pytest.raises(WorkflowNotFoundError):
+        await engine.unpause("no-such-run")
+    with pytest.raises(WorkflowNotFoundError):
+        await engine.pause("no-such-run")
+
+
+async def test_resume_of_a_paused_run_unpauses_it(engines: Engines) -> None:
+    engine = await engines.open()
+    log, gate = Log(), asyncio.Event()
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("a")
+        await gate.wait()
+
+    flow = create_workflow("pause-resume").step("a", held).step("b", log.step("b"))
+    handle = await engine.start(flow)
+    await until(lambda: _true(log.lines), "the first step runs")
+    assert await engine.pause(handle.id) is True
+    gate.set()
+    await stored_as(engine, handle.id, "paused")
+    result = await engine.resume(flow, handle.id)
+    assert result is not None
+    if result.status is not WorkflowStatus.COMPLETED:  # the scheduler may have driven it
+        result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert log.lines == ["a", "b"]
+
+
+async def test_pause_a_sleeping_run_keeps_its_wake_time(engines: Engines) -> None:
+    engine = await engines.open()
+    flow = create_workflow("pause-sleep").step("nap", lambda ctx: sleep(HOUR)).step("b", noop)
+    handle = await engine.start(flow)
+    asleep = await stored_as(engine, handle.id, "suspended", wait_kind="sleep")
+    assert await engine.pause(handle.id) is True
+    paused = await stored_as(engine, handle.id, "paused")
+    assert paused.run_after == asleep.run_after
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    assert await engine.unpause(handle.id) is True
+    again = await stored_as(engine, handle.id, "suspended", wait_kind="sleep")
+    assert again.run_after == asleep.run_after
+    assert again.steps[0].status == "suspended"
+    with pytest.raises(TimeoutError):
+        await handle.result(timeout=0.2)  # sleeping again
+    assert await engine.cancel(handle.id) is True
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.CANCELLED
+
+
+async def test_a_paused_sleep_wakes_at_its_time_after_unpause(engines: Engines) -> None:
+    engine = await engines.open()
+    gate = asyncio.Event()
+    wake: list[dt.datetime] = []
+    calls: list[str] = []
+
+    async def nap(ctx: WorkflowContext) -> Any:
+        calls.append("nap")
+        await gate.wait()
+        wake.append(utcnow() + dt.timedelta(seconds=0.3))
+        return sleep_until(wake[0])
+
+    def after(ctx: WorkflowContext) -> None:
+        calls.append("after")
+
+    flow = create_workflow("pause-nap").step("nap", nap).step("after", after)
+    handle = await engine.start(flow)
+    await until(lambda: _true(calls), "the step runs")
+    # Asked while the step runs: the run is paused once it has gone to sleep.
+    assert await engine.pause(handle.id) is True
+    gate.set()
+    row = await stored_as(engine, handle.id, "paused")
+    assert row.steps[0].status == "suspended" and row.run_after == wake[0]
+    assert calls == ["nap"]
+    assert await engine.unpause(handle.id) is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert calls == ["nap", "after"]
+    completed_at = result.history[0].completed_at
+    assert completed_at is not None and completed_at >= wake[0]
+
+
+async def test_pause_a_waiting_run_keeps_a_signal_sent_meanwhile(engines: Engines) -> None:
+    engine = await engines.open()
+    log = Log()
+
+    def end(ctx: WorkflowContext) -> None:
+        log.lines.append(f"end {ctx.signals['go']}")
+
+    flow = create_workflow("pause-wait").step("w", lambda ctx: wait("go")).step("end", end)
+    handle = await engine.start(flow)
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
+    await stored_as(engine, handle.id, "suspended", wait_kind="signal")
+    assert await engine.pause(handle.id) is True
+    await stored_as(engine, handle.id, "paused")
+    assert await engine.send_signal(handle.id, "go", "while paused") is True
+    await asyncio.sleep(0.3)  # scheduler passes: a paused run takes no signal
+    row = await load(engine, handle.id)
+    assert row.status == "paused"
+    [sig] = await engine.storage.list_signals(handle.id)
+    assert sig.consumed_by_step is None
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    assert await engine.unpause(handle.id) is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert result.history[0].output == "while paused"
+    assert log.lines == ["end while paused"]
+
+
+# -- idempotent start ------------------------------------------------------------------------
+
+
+async def test_start_with_the_same_key_gives_the_same_run(engines: Engines) -> None:
+    engine = await engines.open()
+    calls: list[Any] = []
+    flow = create_workflow("once").step("a", lambda ctx: calls.append(ctx.input))
+    first = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
+    second = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
+    assert first.created is True and second.created is False
+    assert second.id == first.id
+    assert (await second.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
+    # Key order does not make another input.
+    third = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
+    assert third.id == first.id and third.created is False
+    again = await engine.execute(flow, {"order": "A1"}, idempotency_key="order-A1")
+    assert again.id == first.id and again.status is WorkflowStatus.COMPLETED
+    assert calls == [{"order": "A1"}]
+    assert [s.id for s in await engine.list()] == [first.id]
+    with pytest.raises(IdempotencyConflictError):
+        await engine.start(flow, {"order": "B2"}, idempotency_key="order-A1")
+    with pytest.raises(IdempotencyConflictError):
+        await engine.execute(flow, {"order": "B2"}, idempotency_key="order-A1")
+    assert [s.id for s in await engine.list()] == [first.id]
+    assert calls == [{"order": "A1"}]
+    # Another key is another run.
+    other = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1-bis")
+    assert other.created is True and other.id != first.id
+
+
+async def test_start_with_the_same_id_gives_the_same_run(engines: Engines) -> None:
+    engine = await engines.open()
+    flow = create_workflow("by-id").step("a", noop)
+    first = await engine.start(flow, {"k": [1, 2]}, id="run-1")
+    assert first.id == "run-1" and first.created is True
+    second = await engine.start(flow, {"k": [1, 2]}, id="run-1")
+    assert second.id == "run-1" and second.created is False
+    with pytest.raises(IdempotencyConflictError):
+        await engine.start(flow, {"k": [2, 1]}, id="run-1")
+    assert (await first.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
+    assert [s.id for s in await engine.list()] == ["run-1"]
+
+
+async def test_concurrent_starts_with_one_key_make_one_run(engines: Engines) -> None:
+    engine = await engines.open()
+    other = await engines.open()  # another engine on the same store, racing too
+    calls: list[Any] = []
+    flow = create_workflow("racing").step("a", lambda ctx: calls.append(ctx.input))
+    handles = await asyncio.gather(
+        *(
+            (engine if n % 2 else other).start(flow, {"n": 1}, idempotency_key="one")
+            for n in range(10)
+        )
+    )
+    assert len({h.id for h in handles}) == 1
+    assert sum(h.created for h in handles) == 1
+    result = await handles[0].result(timeout=HANG)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert len(await engine.list()) == 1
+    assert calls == [{"n": 1}]
+
+
+async def test_concurrent_starts_with_one_id_make_one_run(engines: Engines) -> None:
+    engine = await engines.open()
+    flow = create_workflow("racing-id").step("a", noop)
+    handles = await asyncio.gather(*(engine.start(flow, 5, id="the-run") for _ in range(10)))
+    assert {h.id for h in handles} == {"the-run"}
+    assert sum(h.created for h in handles) == 1
+    assert len(await engine.list()) == 1
+    assert (await handles[0].result(timeout=HANG)).status is WorkflowStatus.COMPLETED
