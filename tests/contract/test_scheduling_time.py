@@ -562,6 +562,30 @@ async def test_max_concurrent_runs_is_never_exceeded(engines: Engines) -> None:
     assert most[0] == 2
 
 
+async def test_max_concurrent_runs_are_all_used(engines: Engines) -> None:
+    """Runs started one after another while the earlier ones still run: each of the
+    ``max_concurrent_runs`` slots is taken, not only the first pass's."""
+    engine = await engines.open(max_concurrent_runs=3)
+    gate = asyncio.Event()
+    running: set[str] = set()
+
+    async def busy(ctx: WorkflowContext) -> None:
+        running.add(ctx.id)
+        await gate.wait()
+
+    flow = create_workflow("slots").step("a", busy)
+    handles = []
+    for n in range(3):
+        handles.append(await engine.start(flow, n))
+        await until(lambda: _true(len(running) == n + 1), f"{n + 1} runs at work at once")
+    extra = await engine.start(flow, 3)
+    await asyncio.sleep(0.3)  # several scheduler passes: the fourth must wait for a slot
+    assert extra.id not in running
+    gate.set()
+    for h in (*handles, extra):
+        assert (await h.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
+
+
 # -- recover ---------------------------------------------------------------------------------
 
 
