@@ -8,13 +8,14 @@ fails after ``HANG`` seconds), and every check a test makes on time is a "not be
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from contract_support import open_store
 
-from fluxrun import FluxEngine, FluxTraceEvent, RetryPolicy
+from fluxrun import FluxEngine, FluxResult, FluxTraceEvent, RetryPolicy, WorkflowContext
 from fluxrun.storage._base import RunRow, Store
 from fluxrun.storage.memory import MemoryStorage
 
@@ -26,6 +27,11 @@ HANG = 30.0
 
 #: A small poll interval, so that the scheduler's net catches work quickly.
 POLL = 0.05
+
+#: A wait that does not end while a test runs.
+HOUR = 3600.0
+
+_FINISHED = ("completed", "failed", "rolled_back", "cancelled", "compensation_failed")
 
 
 class Engines:
@@ -109,3 +115,78 @@ class Events:
 
     def types(self, run_id: str | None = None) -> list[str]:
         return [e.type for e in self.events if run_id is None or e.workflow_id == run_id]
+
+
+async def true(value: Any) -> bool:
+    """``value`` as an awaitable check for :func:`until`."""
+    return bool(value)
+
+
+async def finished(engine: FluxEngine, run_id: str) -> FluxResult:
+    """The run's result once it is stored finished (its result, read through ``engine``)."""
+
+    async def check() -> FluxResult | None:
+        if (await load(engine, run_id)).status in _FINISHED:
+            return await engine.handle(run_id).result(timeout=HANG)
+        return None
+
+    result: FluxResult = await until(check, f"run {run_id} finishes")
+    return result
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def noop(ctx: WorkflowContext) -> None:
+    """A step that does nothing."""
+
+
+def gated(gate: asyncio.Event, started: asyncio.Event | None = None) -> Any:
+    """An async step that waits for ``gate`` (telling ``started`` it began)."""
+
+    async def step(ctx: WorkflowContext) -> None:
+        if started is not None:
+            started.set()
+        await gate.wait()
+
+    return step
+
+
+class Log:
+    """What the steps and compensations did, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def step(self, name: str) -> Any:
+        def run(ctx: WorkflowContext) -> None:
+            self.lines.append(name)
+
+        return run
+
+    def undo(self, name: str) -> Any:
+        def run(ctx: WorkflowContext) -> None:
+            self.lines.append(f"undo {name}")
+
+        return run
+
+    def held(self, name: str, gate: asyncio.Event) -> Any:
+        """An async step that notes it began, then waits for ``gate``."""
+
+        async def run(ctx: WorkflowContext) -> None:
+            self.lines.append(name)
+            await gate.wait()
+
+        return run
+
+    def forever(self, name: str, began: asyncio.Event) -> Any:
+        """An async step that never ends by itself: it awaits an event nobody sets."""
+
+        async def run(ctx: WorkflowContext) -> None:
+            self.lines.append(name)
+            began.set()
+            await asyncio.Event().wait()
+            self.lines.append(f"{name} went on")  # pragma: no cover - never reached
+
+        return run

@@ -1,6 +1,6 @@
-"""SPEC §5, acting on runs: ``cancel`` (running async and sync steps, suspended, sleeping and
-paused runs, compensation and the pivot rule), ``pause`` / ``unpause`` (and ``resume`` of a
-paused run), and idempotent ``start``; on every store.
+"""SPEC §5, acting on runs: ``cancel`` (running async and sync steps, suspended, sleeping,
+paused, delayed and backing-off runs, compensation and the pivot rule, from another engine)
+and ``pause`` / ``unpause`` (and ``resume`` of a paused run); on every store.
 
 Steps that must be "running" when the test acts wait on an event the test controls; nothing
 depends on how long anything takes (``HANG`` is a hang guard).
@@ -14,12 +14,21 @@ import threading
 from typing import Any
 
 import pytest
-from sched_support import HANG, Engines, load, stored_as, until
+from sched_support import (
+    HANG,
+    HOUR,
+    Engines,
+    Log,
+    finished,
+    load,
+    noop,
+    stored_as,
+    true,
+    until,
+    utcnow,
+)
 
 from fluxrun import (
-    EngineClosedError,
-    FluxResult,
-    IdempotencyConflictError,
     RetryPolicy,
     StepStatus,
     WorkflowContext,
@@ -30,64 +39,6 @@ from fluxrun import (
     sleep_until,
     wait,
 )
-
-HOUR = 3600.0
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def noop(ctx: WorkflowContext) -> None:
-    """A step that does nothing."""
-
-
-class Log:
-    """What the steps and compensations did, in order."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def step(self, name: str) -> Any:
-        def run(ctx: WorkflowContext) -> None:
-            self.lines.append(name)
-
-        return run
-
-    def undo(self, name: str) -> Any:
-        def run(ctx: WorkflowContext) -> None:
-            self.lines.append(f"undo {name}")
-
-        return run
-
-    def forever(self, name: str, began: asyncio.Event) -> Any:
-        """An async step that never ends by itself: it awaits an event nobody sets."""
-
-        async def run(ctx: WorkflowContext) -> None:
-            self.lines.append(name)
-            began.set()
-            await asyncio.Event().wait()
-            self.lines.append(f"{name} went on")  # pragma: no cover - never reached
-
-        return run
-
-
-async def _true(value: Any) -> bool:
-    return bool(value)
-
-
-async def _finished(engine: Any, run_id: str) -> FluxResult | None:
-    row = await load(engine, run_id)
-    if row.status in ("completed", "failed", "rolled_back", "cancelled", "compensation_failed"):
-        result: FluxResult = await engine.handle(run_id).result(timeout=HANG)
-        return result
-    return None
-
-
-async def finished(engine: Any, run_id: str) -> FluxResult:
-    found: FluxResult = await until(lambda: _finished(engine, run_id), f"run {run_id} finishes")
-    return found
-
 
 # -- cancel ----------------------------------------------------------------------------------
 
@@ -174,7 +125,7 @@ async def test_cancel_a_sync_step_at_its_end(engines: Engines) -> None:
         .step("c", log.step("c"))
     )
     handle = await engine.start(flow)
-    await until(lambda: _true(began.is_set()), "the sync step runs")
+    await until(lambda: true(began.is_set()), "the sync step runs")
     assert await engine.cancel(handle.id, reason="stop") is True
     release.set()
     result = await handle.result(timeout=HANG)
@@ -243,7 +194,7 @@ async def test_cancel_a_paused_run(engines: Engines) -> None:
         .step("b", log.step("b"))
     )
     handle = await engine.start(flow)
-    await until(lambda: _true(log.lines), "the first step runs")
+    await until(lambda: true(log.lines), "the first step runs")
     assert await engine.pause(handle.id) is True
     gate.set()
     assert (await handle.result(timeout=HANG)).status is WorkflowStatus.PAUSED
@@ -308,7 +259,7 @@ async def test_cancel_during_a_retry_backoff_in_memory(engines: Engines) -> None
         .step("b", failing, retries=3, retry=policy)
     )
     handle = await engine.start(flow)
-    await until(lambda: _true("b1" in log.lines), "the first attempt failed")
+    await until(lambda: true("b1" in log.lines), "the first attempt failed")
     assert await engine.cancel(handle.id) is True  # the backoff is cut short
     result = await handle.result(timeout=HANG)
     assert result.status is WorkflowStatus.CANCELLED
@@ -363,13 +314,13 @@ async def test_cancel_and_pause_reach_a_run_another_engine_drives(engines: Engin
     one = await owner.start(cancelled)
     two = await owner.start(paused)
     await asyncio.wait_for(began.wait(), HANG)
-    await until(lambda: _true("p" in log.lines), "the second run's step runs")
+    await until(lambda: true("p" in log.lines), "the second run's step runs")
     assert await other.cancel(one.id, reason="from elsewhere") is True
     assert await other.pause(two.id) is True
     result = await one.result(timeout=HANG)
     assert result.status is WorkflowStatus.CANCELLED
     assert (await other.get(one.id)).error == "cancelled: from elsewhere"  # type: ignore[union-attr]
-    await until(lambda: _true(owner._runtime.active[two.id].request), "the pause arrives")
+    await until(lambda: true(owner._runtime.active[two.id].request), "the pause arrives")
     gate.set()
     assert (await other.handle(two.id).result(timeout=HANG)).status is WorkflowStatus.PAUSED
     assert await other.unpause(two.id) is True
@@ -390,56 +341,6 @@ async def test_a_signal_sent_through_another_engine_reaches_the_run(engines: Eng
     assert result.history[0].output == "hi"
 
 
-# -- close -----------------------------------------------------------------------------------
-
-
-async def test_close_lets_a_running_step_finish_and_releases_the_run(engines: Engines) -> None:
-    first = await engines.open()
-    log, gate = Log(), asyncio.Event()
-
-    async def held(ctx: WorkflowContext) -> None:
-        log.lines.append("a")
-        await gate.wait()
-
-    def flow_with(a: Any) -> Any:
-        return create_workflow("closing").step("a", a).step("b", log.step("b"))
-
-    handle = await first.start(flow_with(held))
-    await until(lambda: _true(log.lines), "the step runs")
-    waiting = asyncio.create_task(handle.result(timeout=HANG))
-    closing = asyncio.create_task(first.close(timeout=HANG))
-    await until(lambda: _true(first._closing), "the engine is closing")
-    gate.set()
-    await closing
-    with pytest.raises(EngineClosedError):
-        await waiting
-    second = await engines.open()
-    row = await load(second, handle.id)
-    assert row.owner is None  # released: the next engine need not wait for the lease
-    assert row.steps[0].status == "completed"
-    second.register(flow_with(log.step("a again")))
-    assert (await finished(second, handle.id)).status is WorkflowStatus.COMPLETED
-    assert log.lines == ["a", "b"]
-
-
-async def test_close_after_its_timeout_still_releases_a_stuck_run(engines: Engines) -> None:
-    first = await engines.open()
-    log, began = Log(), asyncio.Event()
-
-    def flow_with(a: Any) -> Any:
-        return create_workflow("stuck").step("a", a).step("b", log.step("b"))
-
-    handle = await first.start(flow_with(log.forever("a", began)))
-    await asyncio.wait_for(began.wait(), HANG)
-    await first.close(timeout=0.1)
-    second = await engines.open()
-    row = await load(second, handle.id)
-    assert row.owner is None
-    second.register(flow_with(log.step("a again")))
-    assert (await finished(second, handle.id)).status is WorkflowStatus.COMPLETED
-    assert log.lines == ["a", "a again", "b"]
-
-
 # -- pause / unpause -------------------------------------------------------------------------
 
 
@@ -454,7 +355,7 @@ async def test_pause_a_running_run_then_unpause(engines: Engines) -> None:
 
     flow = create_workflow("pause").step("a", held).step("b", log.step("b"))
     handle = await engine.start(flow)
-    await until(lambda: _true(log.lines), "the first step runs")
+    await until(lambda: true(log.lines), "the first step runs")
     assert await engine.pause(handle.id) is True
     assert await engine.pause(handle.id) is True  # idempotent
     gate.set()
@@ -500,7 +401,7 @@ async def test_resume_of_a_paused_run_unpauses_it(engines: Engines) -> None:
 
     flow = create_workflow("pause-resume").step("a", held).step("b", log.step("b"))
     handle = await engine.start(flow)
-    await until(lambda: _true(log.lines), "the first step runs")
+    await until(lambda: true(log.lines), "the first step runs")
     assert await engine.pause(handle.id) is True
     gate.set()
     await stored_as(engine, handle.id, "paused")
@@ -548,7 +449,7 @@ async def test_a_paused_sleep_wakes_at_its_time_after_unpause(engines: Engines) 
 
     flow = create_workflow("pause-nap").step("nap", nap).step("after", after)
     handle = await engine.start(flow)
-    await until(lambda: _true(calls), "the step runs")
+    await until(lambda: true(calls), "the step runs")
     # Asked while the step runs: the run is paused once it has gone to sleep.
     assert await engine.pause(handle.id) is True
     gate.set()
@@ -588,75 +489,3 @@ async def test_pause_a_waiting_run_keeps_a_signal_sent_meanwhile(engines: Engine
     assert result.status is WorkflowStatus.COMPLETED
     assert result.history[0].output == "while paused"
     assert log.lines == ["end while paused"]
-
-
-# -- idempotent start ------------------------------------------------------------------------
-
-
-async def test_start_with_the_same_key_gives_the_same_run(engines: Engines) -> None:
-    engine = await engines.open()
-    calls: list[Any] = []
-    flow = create_workflow("once").step("a", lambda ctx: calls.append(ctx.input))
-    first = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
-    second = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
-    assert first.created is True and second.created is False
-    assert second.id == first.id
-    assert (await second.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
-    # Key order does not make another input.
-    third = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1")
-    assert third.id == first.id and third.created is False
-    again = await engine.execute(flow, {"order": "A1"}, idempotency_key="order-A1")
-    assert again.id == first.id and again.status is WorkflowStatus.COMPLETED
-    assert calls == [{"order": "A1"}]
-    assert [s.id for s in await engine.list()] == [first.id]
-    with pytest.raises(IdempotencyConflictError):
-        await engine.start(flow, {"order": "B2"}, idempotency_key="order-A1")
-    with pytest.raises(IdempotencyConflictError):
-        await engine.execute(flow, {"order": "B2"}, idempotency_key="order-A1")
-    assert [s.id for s in await engine.list()] == [first.id]
-    assert calls == [{"order": "A1"}]
-    # Another key is another run.
-    other = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1-bis")
-    assert other.created is True and other.id != first.id
-
-
-async def test_start_with_the_same_id_gives_the_same_run(engines: Engines) -> None:
-    engine = await engines.open()
-    flow = create_workflow("by-id").step("a", noop)
-    first = await engine.start(flow, {"k": [1, 2]}, id="run-1")
-    assert first.id == "run-1" and first.created is True
-    second = await engine.start(flow, {"k": [1, 2]}, id="run-1")
-    assert second.id == "run-1" and second.created is False
-    with pytest.raises(IdempotencyConflictError):
-        await engine.start(flow, {"k": [2, 1]}, id="run-1")
-    assert (await first.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
-    assert [s.id for s in await engine.list()] == ["run-1"]
-
-
-async def test_concurrent_starts_with_one_key_make_one_run(engines: Engines) -> None:
-    engine = await engines.open()
-    other = await engines.open()  # another engine on the same store, racing too
-    calls: list[Any] = []
-    flow = create_workflow("racing").step("a", lambda ctx: calls.append(ctx.input))
-    handles = await asyncio.gather(
-        *(
-            (engine if n % 2 else other).start(flow, {"n": 1}, idempotency_key="one")
-            for n in range(10)
-        )
-    )
-    assert len({h.id for h in handles}) == 1
-    assert sum(h.created for h in handles) == 1
-    result = await handles[0].result(timeout=HANG)
-    assert result.status is WorkflowStatus.COMPLETED
-    assert len(await engine.list()) == 1
-    assert calls == [{"n": 1}]
-
-
-async def test_concurrent_starts_with_one_id_make_one_run(engines: Engines) -> None:
-    engine = await engines.open()
-    flow = create_workflow("racing-id").step("a", noop)
-    handles = await asyncio.gather(*(engine.start(flow, 5, id="the-run") for _ in range(10)))
-    assert {h.id for h in handles} == {"the-run"}
-    assert sum(h.created for h in handles) == 1
-    assert len(await engine.list()) == 1
-    assert (await handles[0].result(timeout=HANG)).status is WorkflowStatus.COMPLETED

@@ -14,7 +14,19 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from sched_support import HANG, Engines, Events, load, stored_as, until
+from sched_support import (
+    HANG,
+    HOUR,
+    Engines,
+    Events,
+    finished,
+    gated,
+    load,
+    noop,
+    stored_as,
+    true,
+    until,
+)
 
 from fluxrun import (
     InvalidStateError,
@@ -31,19 +43,6 @@ from fluxrun import (
     wait,
 )
 from fluxrun.storage._base import SignalRow
-
-HOUR = 3600.0
-
-
-def noop(ctx: WorkflowContext) -> None:
-    """A step that does nothing."""
-
-
-def gated(gate: asyncio.Event) -> Any:
-    async def step(ctx: WorkflowContext) -> None:
-        await gate.wait()
-
-    return step
 
 
 def waits_for(name: str, *, timeout: float | None = None) -> Any:
@@ -101,7 +100,7 @@ async def test_a_signal_sent_while_waiting_continues_the_run(engines: Engines) -
     assert row.wait_name == "approved"
     assert len(engine._runtime.active) == 0
     assert await handle.send_signal("approved", [1, 2]) is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.COMPLETED
     assert result.history[0].output == [1, 2]
     assert result.data == {"signals": {"approved": [1, 2]}}
@@ -135,7 +134,7 @@ async def test_signals_of_one_name_are_taken_oldest_first_each_by_one_wait(
         StepStatus.SUSPENDED,
     ]
     assert await engine.send_signal(handle.id, "item", "third") is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.COMPLETED
     assert [h.output for h in result.history[1:4]] == ["first", "second", "third"]
     assert result.data == {"signals": {"item": "third"}}
@@ -175,7 +174,7 @@ async def test_a_dedupe_key_is_taken_once(engines: Engines) -> None:
     # After it was consumed, the key is still known; the second wait takes the next one.
     assert await engine.send_signal(handle.id, "go", "again", dedupe_key="k1") is False
     assert await engine.send_signal(handle.id, "go", "three", dedupe_key="k2") is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert [h.output for h in result.history[:2]] == [kept, "three"]
     signals = await inbox(engine, handle.id)
     assert [(s.payload, s.dedupe_key) for s in signals] == [(f'"{kept}"', "k1"), ('"three"', "k2")]
@@ -228,9 +227,38 @@ async def test_a_sleeping_run_keeps_a_signal_for_its_next_wait(engines: Engines)
     handle = await engine.start(flow)
     # Whether it still sleeps or already waits, the signal is kept until the wait takes it.
     assert await engine.send_signal(handle.id, "go", "kept") is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.COMPLETED
     assert result.history[1].output == "kept"
+
+
+async def test_each_signal_is_taken_once_with_two_engines_sending_and_driving(
+    engines: Engines,
+) -> None:
+    one = await engines.open()
+    two = await engines.open()
+    flow = (
+        create_workflow("shared")
+        .step("w1", waits_for("item"))
+        .step("w2", waits_for("item"))
+        .step("w3", waits_for("item"))
+    )
+    one.register(flow)
+    two.register(flow)
+    handles = [await (one if n % 2 else two).start(flow, n) for n in range(4)]
+
+    async def feed(n: int, run_id: str) -> None:
+        for k in range(3):
+            sender = one if (n + k) % 2 else two
+            assert await sender.send_signal(run_id, "item", f"{n}.{k}") is True
+
+    await asyncio.gather(*(feed(n, h.id) for n, h in enumerate(handles)))
+    for n, h in enumerate(handles):
+        result = await finished(one, h.id)
+        assert result.status is WorkflowStatus.COMPLETED
+        assert [x.output for x in result.history] == [f"{n}.0", f"{n}.1", f"{n}.2"]
+        signals = await inbox(one, h.id)
+        assert [s.consumed_by_step for s in signals] == [0, 1, 2]
 
 
 # -- waits with a timeout --------------------------------------------------------------------
@@ -256,7 +284,7 @@ async def test_a_wait_that_times_out_fails_its_step_and_compensates(engines: Eng
         suspended_at = row.steps[1].suspended_at
         assert suspended_at is not None
         assert row.run_after >= suspended_at + dt.timedelta(seconds=0.3)
-    result = await until(lambda: _finished(handle), "the wait times out")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.ROLLED_BACK
     assert undone == ["reserve"]
     approve = result.history[1]
@@ -282,7 +310,7 @@ async def test_execute_returns_at_a_wait_with_a_timeout_and_the_run_fails_later(
     flow = create_workflow("timeout-error").step("w", waits_for("never", timeout=0.2))
     result = await engine.execute(flow)
     assert result.status is WorkflowStatus.SUSPENDED
-    final = await until(lambda: _finished(engine.handle(result.id)), "the wait times out")
+    final = await finished(engine, result.id)
     assert final.status is WorkflowStatus.FAILED
     state = await engine.get(result.id)
     assert state is not None and state.status is WorkflowStatus.FAILED
@@ -305,11 +333,11 @@ async def test_a_timed_out_wait_is_retried(engines: Engines) -> None:
         .step("end", keep_signals)
     )
     handle = await engine.start(flow)
-    await until(lambda: _true(attempts == [1, 2]), "the second attempt")
+    await until(lambda: true(attempts == [1, 2]), "the second attempt")
     row = await stored_as(engine, handle.id, "suspended", wait_kind="signal")
     assert row.steps[0].status == "suspended" and row.steps[0].retries == 1
     assert await engine.send_signal(handle.id, "approved", "yes") is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.COMPLETED
     assert attempts == [1, 2]
     assert result.history[0].output == "yes"
@@ -328,7 +356,7 @@ async def test_a_signal_in_time_beats_the_wait_timeout(engines: Engines) -> None
     assert (await handle.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
     await stored_as(engine, handle.id, "suspended", wait_kind="signal")
     assert await engine.send_signal(handle.id, "go", 7) is True
-    result = await until(lambda: _finished(handle), "the run finishes")
+    result = await finished(engine, handle.id)
     assert result.status is WorkflowStatus.COMPLETED
     assert result.history[0].output == 7
     row = await load(engine, handle.id)
@@ -407,19 +435,6 @@ async def test_signal_after_an_early_send_takes_the_oldest(engines: Engines) -> 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def _true(value: Any) -> bool:
-    return bool(value)
-
-
 async def _running(engine: Any, run_id: str) -> bool:
     row = await engine.storage.load(run_id)
     return row is not None and row.status in ("pending", "running") and row.owner is not None
-
-
-async def _finished(handle: Any) -> Any:
-    """The handle's result once the run is finished (None while it is not)."""
-    state = await handle.state()
-    if state.status.value in ("completed", "failed", "rolled_back", "cancelled",
-                              "compensation_failed"):  # fmt: skip
-        return await handle.result(timeout=HANG)
-    return None

@@ -1,6 +1,6 @@
-"""SPEC §5, runs that move on their own (time): ``start`` and ``RunHandle``, delayed starts,
-durable ``sleep`` / ``sleep_until``, retry backoff kept in the store (across a restart),
-``max_concurrent_runs`` and ``recover``, on every store.
+"""SPEC §5, durable time: ``sleep`` / ``sleep_until`` (stored, holding nothing, never early,
+across a restart) and retry backoff kept in the store (attempt count and retry budget kept
+across a restart); on every store.
 
 Time is only ever checked as "not before" (a wake-up at or after its time, by the store's
 clock); every other wait is for an eventual outcome, with ``HANG`` seconds as a hang guard.
@@ -16,7 +16,18 @@ import math
 from typing import Any
 
 import pytest
-from sched_support import HANG, Engines, Events, load, stored_as, until
+from sched_support import (
+    HANG,
+    HOUR,
+    Engines,
+    Events,
+    load,
+    noop,
+    stored_as,
+    true,
+    until,
+    utcnow,
+)
 
 import fluxrun
 from fluxrun import (
@@ -24,134 +35,14 @@ from fluxrun import (
     FluxEngine,
     InvalidArgumentError,
     RetryPolicy,
-    RunHandle,
     StepStatus,
     WorkflowContext,
-    WorkflowNotFoundError,
     WorkflowStatus,
     create_workflow,
     sleep,
     sleep_until,
 )
 from fluxrun.storage._base import RunRow
-
-HOUR = 3600.0
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def noop(ctx: WorkflowContext) -> None:
-    """A step that does nothing."""
-
-
-def gated(gate: asyncio.Event, started: asyncio.Event | None = None) -> Any:
-    """An async step that waits for ``gate`` (telling ``started`` it began)."""
-
-    async def step(ctx: WorkflowContext) -> None:
-        if started is not None:
-            started.set()
-        await gate.wait()
-
-    return step
-
-
-# -- start, handles, results -----------------------------------------------------------------
-
-
-async def test_start_returns_at_once_and_the_scheduler_drives_the_run(engines: Engines) -> None:
-    engine = await engines.open()
-    gate, began = asyncio.Event(), asyncio.Event()
-    flow = create_workflow("started").step("a", gated(gate, began)).step("b", noop)
-    handle = await engine.start(flow, {"n": 1})
-    # start() returned while the first step cannot have finished (its gate is closed).
-    assert isinstance(handle, RunHandle)
-    assert handle.created is True
-    state = await handle.state()
-    assert state.status in (WorkflowStatus.PENDING, WorkflowStatus.RUNNING)
-    assert state.input == {"n": 1}
-    await asyncio.wait_for(began.wait(), HANG)  # nobody but the scheduler drives it
-    gate.set()
-    result = await handle.result(timeout=HANG)
-    assert result.id == handle.id
-    assert result.status is WorkflowStatus.COMPLETED
-    assert [h.status for h in result.history] == [StepStatus.COMPLETED] * 2
-    row = await load(engine, handle.id)
-    assert row.status == "completed" and row.owner is None
-    assert len(engine._runtime.active) == 0
-
-
-async def test_handle_on_an_existing_id_from_this_and_another_engine(engines: Engines) -> None:
-    engine = await engines.open()
-    onlooker = await engines.open()  # drives nothing of this workflow (not registered)
-    gate = asyncio.Event()
-    flow = create_workflow("handled").step("a", gated(gate))
-    started = await engine.start(flow)
-    here = engine.handle(started.id)
-    there = onlooker.handle(started.id)
-    assert here.id == there.id == started.id
-    waiting = [asyncio.create_task(h.result(timeout=HANG)) for h in (started, here, there)]
-    gate.set()
-    results = await asyncio.gather(*waiting)
-    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
-    assert {r.id for r in results} == {started.id}
-    assert (await there.state()).status is WorkflowStatus.COMPLETED
-    with pytest.raises(WorkflowNotFoundError):
-        await engine.handle("no-such-run").result(timeout=HANG)
-    with pytest.raises(WorkflowNotFoundError):
-        await engine.handle("no-such-run").state()
-
-
-async def test_result_timeout_raises_and_the_run_goes_on(engines: Engines) -> None:
-    engine = await engines.open()
-    gate = asyncio.Event()
-    flow = create_workflow("slow").step("a", gated(gate)).step("b", noop)
-    handle = await engine.start(flow)
-    with pytest.raises(TimeoutError):
-        await handle.result(timeout=0.1)
-    with pytest.raises(TimeoutError):
-        await handle.result(timeout=dt.timedelta(milliseconds=50))
-    with pytest.raises(InvalidArgumentError):
-        await handle.result(timeout=-1)
-    gate.set()
-    result = await handle.result(timeout=HANG)
-    assert result.status is WorkflowStatus.COMPLETED
-
-
-@pytest.mark.parametrize("delay", [0.3, dt.timedelta(milliseconds=300)])
-async def test_a_delayed_start_never_runs_before_its_time(
-    engines: Engines, delay: float | dt.timedelta
-) -> None:
-    engine = await engines.open()
-    ran: list[dt.datetime] = []
-
-    def first(ctx: WorkflowContext) -> None:
-        ran.append(utcnow())
-
-    flow = create_workflow("delayed").step("a", first)
-    handle = await engine.start(flow, delay=delay)
-    row = await load(engine, handle.id)
-    assert row.status == "pending"
-    assert row.run_after is not None
-    assert row.run_after >= row.created_at + dt.timedelta(seconds=0.3)
-    result = await handle.result(timeout=HANG)
-    assert result.status is WorkflowStatus.COMPLETED
-    started_at = result.history[0].started_at
-    assert started_at is not None
-    assert started_at >= row.run_after
-    assert ran[0] >= row.run_after
-    assert len(ran) == 1
-
-
-async def test_bad_delays_are_refused(engines: Engines) -> None:
-    engine = await engines.open()
-    flow = create_workflow("delayed").step("a", noop)
-    for bad in (-1, math.nan, math.inf, "1", True):
-        with pytest.raises(InvalidArgumentError):
-            await engine.start(flow, delay=bad)  # type: ignore[arg-type]
-    assert await engine.list() == []
-
 
 # -- durable sleep ---------------------------------------------------------------------------
 
@@ -361,9 +252,9 @@ async def test_a_sleep_survives_a_restart(engines: Engines) -> None:
         return create_workflow("restart-sleep").step("nap", step).step("after", noop)
 
     handle = await first.start(flow_with(nap))
-    await until(lambda: _true(calls), "the step started")
+    await until(lambda: true(calls), "the step started")
     closing = asyncio.create_task(first.close())
-    await until(lambda: _true(first._closing), "the engine is closing")
+    await until(lambda: true(first._closing), "the engine is closing")
     gate.set()
     await closing
     second = await engines.open()
@@ -377,10 +268,6 @@ async def test_a_sleep_survives_a_restart(engines: Engines) -> None:
     nap_row = row.steps[0]
     assert nap_row.completed_at is not None and nap_row.completed_at >= wake[0]
     assert row.steps[1].started_at is not None and row.steps[1].started_at >= wake[0]
-
-
-async def _true(value: Any) -> bool:
-    return bool(value)
 
 
 # -- retry backoff kept in the store ---------------------------------------------------------
@@ -507,9 +394,9 @@ async def test_a_stored_backoff_survives_a_restart_without_resetting_the_budget(
         )
 
     handle = await first.start(flow_with(attempt_one))
-    await until(lambda: _true(calls), "the first attempt started")
+    await until(lambda: true(calls), "the first attempt started")
     closing = asyncio.create_task(first.close())
-    await until(lambda: _true(first._closing), "the engine is closing")
+    await until(lambda: true(first._closing), "the engine is closing")
     gate.set()
     await closing
     second = await engines.open(durable_backoff=0)
@@ -530,85 +417,3 @@ async def test_a_stored_backoff_survives_a_restart_without_resetting_the_budget(
     ]
     row = await load(second, handle.id)
     assert row.claims <= 1  # a stored backoff is not an executor crash
-
-
-# -- the scheduler's limit -------------------------------------------------------------------
-
-
-async def test_max_concurrent_runs_is_never_exceeded(engines: Engines) -> None:
-    engine = await engines.open(max_concurrent_runs=2)
-    gate = asyncio.Event()
-    running = [0]
-    most = [0]
-
-    async def busy(ctx: WorkflowContext) -> None:
-        running[0] += 1
-        most[0] = max(most[0], running[0])
-        try:
-            await gate.wait()
-        finally:
-            running[0] -= 1
-
-    flow = create_workflow("limited").step("a", busy).step("b", busy)
-    handles = [await engine.start(flow, {"n": n}) for n in range(6)]
-    await until(lambda: _true(running[0] == 2), "two runs at work")
-    await asyncio.sleep(0.3)  # several scheduler passes, with four runs due
-    assert most[0] == 2
-    rows = [await load(engine, h.id) for h in handles]
-    assert sum(r.owner is not None for r in rows) == 2
-    gate.set()
-    results = [await h.result(timeout=HANG) for h in handles]
-    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
-    assert most[0] == 2
-
-
-async def test_max_concurrent_runs_are_all_used(engines: Engines) -> None:
-    """Runs started one after another while the earlier ones still run: each of the
-    ``max_concurrent_runs`` slots is taken, not only the first pass's."""
-    engine = await engines.open(max_concurrent_runs=3)
-    gate = asyncio.Event()
-    running: set[str] = set()
-
-    async def busy(ctx: WorkflowContext) -> None:
-        running.add(ctx.id)
-        await gate.wait()
-
-    flow = create_workflow("slots").step("a", busy)
-    handles = []
-    for n in range(3):
-        handles.append(await engine.start(flow, n))
-        await until(lambda: _true(len(running) == n + 1), f"{n + 1} runs at work at once")
-    extra = await engine.start(flow, 3)
-    await asyncio.sleep(0.3)  # several scheduler passes: the fourth must wait for a slot
-    assert extra.id not in running
-    gate.set()
-    for h in (*handles, extra):
-        assert (await h.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
-
-
-# -- recover ---------------------------------------------------------------------------------
-
-
-async def test_recover_returns_the_outcomes_of_due_runs_of_registered_workflows(
-    engines: Engines,
-) -> None:
-    # A busy engine (its one slot taken) leaves the runs it starts due for others.
-    busy = await engines.open(max_concurrent_runs=1)
-    gate = asyncio.Event()
-    mine = create_workflow("mine").step("a", noop).step("b", noop)
-    other = create_workflow("other").step("a", noop)
-    blocker = await busy.start(create_workflow("blocker").step("a", gated(gate)))
-    await until(lambda: _true(blocker.id in busy._runtime.active), "the busy engine drives its run")
-    due = [await busy.start(mine, {"n": n}) for n in range(3)]
-    left = await busy.start(other)
-    # The recovering engine's scheduler looks only every minute: recover() does the work.
-    recovering = await engines.open(poll_interval=60.0)
-    recovering.register(mine)
-    results = await recovering.recover()
-    assert sorted(r.id for r in results) == sorted(h.id for h in due)
-    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
-    row = await load(recovering, left.id)
-    assert row.status == "pending" and row.owner is None  # not registered there: not claimed
-    assert await recovering.recover() == []
-    gate.set()
-    assert (await left.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
