@@ -68,6 +68,15 @@ def wants_result(status: str, wait_kind: str | None) -> bool:
     return status == _SUSPENDED and wait_kind in (None, "signal")
 
 
+def waited_signal(row: RunRow) -> str | None:
+    """The signal a stored run is suspended on (None if it waits for no signal)."""
+    if row.status != _SUSPENDED or row.wait_kind not in (None, "signal"):
+        return None
+    return row.wait_name or next(
+        (r.waiting_for for r in row.steps if r.index == row.current_step), None
+    )
+
+
 def is_final(result: FluxResult) -> bool:
     """:func:`wants_result` for the outcome of a drive (a sleeping run's current step is
     suspended on no signal; a run backing off has no suspended step)."""
@@ -161,7 +170,10 @@ class Runtime:
             # Its wake-up (a timer, a signal, an unpause) comes through the scheduler, which
             # drives registered workflows only: a run started from a builder is adopted.
             self.registry.adopt(driver.definition)
-        if wants_result(driver.status.value, driver.wait_kind):
+        if wants_result(driver.status.value, driver.wait_kind) and (
+            driver.status in TERMINAL_STATUSES or driver.request is None
+        ):
+            # (A cancel or pause noted while it suspended moves it on: waiters wait for that.)
             self._settle(driver.id, result)
         return result
 
@@ -275,13 +287,8 @@ class Runtime:
         if row is None or row.fence != fence or row.owner != self.settings.owner:
             return None  # deleted, or claimed by someone else meanwhile
         applied = Applied(version=row.version, fence=row.fence)
-        signal = None
-        if row.status == _SUSPENDED and row.wait_kind in (None, "signal"):
-            name = row.wait_name or next(
-                (r.waiting_for for r in row.steps if r.index == row.current_step), None
-            )
-            if name is not None:
-                signal = await self.store.first_signal(row.id, name)
+        name = waited_signal(row)
+        signal = None if name is None else await self.store.first_signal(row.id, name)
         decision = decide(
             row,
             definition,
@@ -342,6 +349,19 @@ class Runtime:
 
     # -- results -----------------------------------------------------------------------------
 
+    async def _stopped(self, row: RunRow) -> bool:
+        """Whether a stored run is where a result() waiter gets it (:func:`wants_result`),
+        and stays there until something comes from outside: no cancel or pause asked of it,
+        and no signal in its inbox for the wait it is suspended on."""
+        if not wants_result(row.status, row.wait_kind):
+            return False
+        if row.status in FINISHED_STATUSES:
+            return True
+        if row.requested is not None:
+            return False
+        name = waited_signal(row)
+        return name is None or await self.store.first_signal(row.id, name) is None
+
     def _settle(self, run_id: str, result: FluxResult) -> None:
         for fut in self._watchers.pop(run_id, ()):
             if not fut.done():
@@ -370,7 +390,7 @@ class Runtime:
                         raise WorkflowNotFoundError(
                             f"Workflow not found: {run_id}", workflow_id=run_id
                         )
-                    if wants_result(row.status, row.wait_kind):
+                    if await self._stopped(row):
                         return stored_result(row, started)
                 wait = self.poll_interval
                 if deadline is not None:

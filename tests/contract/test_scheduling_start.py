@@ -109,6 +109,26 @@ async def test_result_timeout_raises_and_the_run_goes_on(engines: Engines) -> No
     assert result.status is WorkflowStatus.COMPLETED
 
 
+async def test_result_after_an_action_is_the_outcome_of_that_action(engines: Engines) -> None:
+    """A run waiting for a signal that is in its inbox, or with a cancel or pause asked of
+    it, does not need anything from outside: result() waits for what it comes to."""
+    engine = await engines.open()
+    flow = create_workflow("acted-on").step("w", lambda ctx: fluxrun.wait("go")).step("e", noop)
+    signalled, cancelled, paused = [await engine.start(flow, n) for n in range(3)]
+    for h in (signalled, cancelled, paused):
+        assert (await h.result(timeout=HANG)).status is WorkflowStatus.SUSPENDED
+    assert await signalled.send_signal("go", 1) is True
+    assert (await signalled.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
+    assert await cancelled.cancel(reason="stop") is True
+    assert (await cancelled.result(timeout=HANG)).status is WorkflowStatus.CANCELLED
+    assert await engine.pause(paused.id) is True
+    assert (await paused.result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    assert await paused.send_signal("go", 2) is True  # kept while paused
+    assert (await paused.result(timeout=HANG)).status is WorkflowStatus.PAUSED
+    assert await engine.unpause(paused.id) is True
+    assert (await paused.result(timeout=HANG)).status is WorkflowStatus.COMPLETED
+
+
 @pytest.mark.parametrize("delay", [0.3, dt.timedelta(milliseconds=300)])
 async def test_a_delayed_start_never_runs_before_its_time(
     engines: Engines, delay: float | dt.timedelta
