@@ -22,7 +22,13 @@ from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
 from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
 from ._machine import RunMachine
-from ._records import FluxResult, StepExecution, StepStatus, WorkflowStatus
+from ._records import (
+    TERMINAL_STATUSES,
+    FluxResult,
+    StepExecution,
+    StepStatus,
+    WorkflowStatus,
+)
 from ._retry import RetryPolicy
 from ._state import apply_changes, replay_data
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
@@ -333,6 +339,9 @@ class DriverBase(RunMachine):
             # A step row's own end time doubles as the run's update time (one clock read).
             row = patch.get("insert_step")
             updated_at = (row.completed_at if row is not None else None) or utcnow()
+        if patch.get("status") in TERMINAL_STATUSES:
+            # A cancel or pause asked too late must not stop a later resume of this run.
+            patch.setdefault("requested", None)
         t = self.transition(updated_at=updated_at, **patch)
         self.record(t, await self.store.apply(t))
 

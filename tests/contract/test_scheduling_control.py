@@ -489,3 +489,34 @@ async def test_pause_a_waiting_run_keeps_a_signal_sent_meanwhile(engines: Engine
     assert result.status is WorkflowStatus.COMPLETED
     assert result.history[0].output == "while paused"
     assert log.lines == ["end while paused"]
+
+
+async def test_a_request_too_late_for_a_run_does_not_outlive_it(engines: Engines) -> None:
+    """A pause asked during the step that ends the run (here by failing) is dropped with the
+    run's end: a later resume of the run is not paused by it."""
+    engine = await engines.open()
+    log, gate = Log(), asyncio.Event()
+    failing = [True]
+
+    async def held(ctx: WorkflowContext) -> None:
+        log.lines.append("b")
+        await gate.wait()
+        if failing[0]:
+            raise RuntimeError("down")
+
+    flow = create_workflow("late-request").step("b", held).step("c", lambda ctx: wait("go"))
+    handle = await engine.start(flow)
+    await until(lambda: true(log.lines), "the step runs")
+    assert await engine.pause(handle.id) is True
+    gate.set()
+    assert (await handle.result(timeout=HANG)).status is WorkflowStatus.FAILED
+    row = await load(engine, handle.id)
+    assert row.requested is None
+    failing[0] = False
+    resumed = await engine.resume(flow, handle.id)
+    assert resumed is not None and resumed.status is WorkflowStatus.SUSPENDED
+    await asyncio.sleep(0.3)  # scheduler passes: nothing makes it due
+    row = await load(engine, handle.id)
+    assert row.status == "suspended" and row.requested is None
+    assert await engine.send_signal(handle.id, "go") is True
+    assert (await finished(engine, handle.id)).status is WorkflowStatus.COMPLETED
