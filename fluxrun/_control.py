@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._codec import decode, encode
+from ._context import MAX_WAIT_SECONDS
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
 from ._records import FluxResult, WorkflowState, WorkflowStatus
@@ -63,7 +64,10 @@ def prepare_run(
 
     Raises:
         InvalidInputError: the input failed validation or cannot be stored.
+        InvalidArgumentError: ``delay`` is longer than 100 years.
     """
+    if delay is not None and delay > MAX_WAIT_SECONDS:
+        raise InvalidArgumentError(f"delay must be at most 100 years, got {delay:g} seconds")
     spec = definition.input_spec
     typed = input if spec is None else spec.validate(input, definition.name)
     plain = typed if spec is None else spec.to_plain(typed)

@@ -199,10 +199,12 @@ async def test_a_sleep_that_is_over_goes_on_at_once(engines: Engines, make: Any)
         lambda: sleep_until("2030-01-01T00:00:00Z"),
         lambda: sleep_until(dt.date(2030, 1, 1)),
         lambda: sleep_until(1_900_000_000),
+        lambda: sleep_until(dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))),
+        lambda: sleep(10**12),
     ],
     ids=[
         "negative", "tiny-negative", "nan", "inf", "bool", "str", "none", "neg-timedelta",
-        "naive", "iso-text", "date", "epoch",
+        "naive", "iso-text", "date", "epoch", "out-of-range", "over-a-century",
     ],
 )  # fmt: skip
 async def test_wrong_sleep_arguments(engines: Engines, call: Any) -> None:
