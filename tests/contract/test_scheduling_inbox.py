@@ -349,6 +349,28 @@ async def test_a_timed_out_wait_is_retried(engines: Engines) -> None:
     ]
 
 
+async def test_a_timed_out_wait_retried_after_a_stored_backoff(engines: Engines) -> None:
+    engine = await engines.open(durable_backoff=0)
+    attempts: list[int] = []
+
+    def approve(ctx: WorkflowContext) -> Any:
+        attempts.append(ctx.attempt)
+        return wait("approved", timeout=0.2 if ctx.attempt == 1 else HOUR)
+
+    policy = RetryPolicy(initial_delay=0.2, jitter=False)
+    flow = create_workflow("timeout-backoff").step("approve", approve, retries=1, retry=policy)
+    handle = await engine.start(flow)
+    await until(lambda: true(attempts == [1, 2]), "the second attempt")
+    row = await stored_as(engine, handle.id, "suspended", wait_kind="signal")
+    assert row.steps[0].retries == 1
+    assert await engine.send_signal(handle.id, "approved", "ok") is True
+    result = await finished(engine, handle.id)
+    assert result.status is WorkflowStatus.COMPLETED
+    assert result.history[0].output == "ok" and attempts == [1, 2]
+    logged = await engine.attempts(handle.id)
+    assert [(a.attempt, a.status.value) for a in logged] == [(1, "failed"), (2, "completed")]
+
+
 async def test_a_signal_in_time_beats_the_wait_timeout(engines: Engines) -> None:
     engine = await engines.open()
     flow = create_workflow("in-time").step("w", waits_for("go", timeout=HOUR)).step("e", noop)

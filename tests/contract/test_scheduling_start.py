@@ -358,9 +358,12 @@ async def test_start_with_the_same_key_gives_the_same_run(engines: Engines) -> N
         await engine.execute(flow, {"order": "B2"}, idempotency_key="order-A1")
     assert [s.id for s in await engine.list()] == [first.id]
     assert calls == [{"order": "A1"}]
-    # Another key is another run.
+    # Another key is another run; so is the same key for another workflow.
     other = await engine.start(flow, {"order": "A1"}, idempotency_key="order-A1-bis")
     assert other.created is True and other.id != first.id
+    elsewhere = create_workflow("twice").step("a", noop)
+    apart = await engine.start(elsewhere, {"order": "B2"}, idempotency_key="order-A1")
+    assert apart.created is True and apart.id not in (first.id, other.id)
 
 
 async def test_start_with_the_same_id_gives_the_same_run(engines: Engines) -> None:
