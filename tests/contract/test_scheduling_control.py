@@ -43,14 +43,17 @@ from fluxrun import (
 # -- cancel ----------------------------------------------------------------------------------
 
 
-async def test_cancel_interrupts_a_running_async_step_and_compensates(engines: Engines) -> None:
+@pytest.mark.parametrize("timeout", [None, HOUR], ids=["no-timeout", "with-timeout"])
+async def test_cancel_interrupts_a_running_async_step_and_compensates(
+    engines: Engines, timeout: float | None
+) -> None:
     engine = await engines.open()
     log, began = Log(), asyncio.Event()
     flow = (
         create_workflow("cancel-async")
         .step("a", log.step("a"), compensate=log.undo("a"))
         .step("b", log.step("b"), compensate=log.undo("b"))
-        .step("c", log.forever("c", began), compensate=log.undo("c"))
+        .step("c", log.forever("c", began), compensate=log.undo("c"), timeout=timeout)
         .step("d", log.step("d"))
     )
     handle = await engine.start(flow)
@@ -296,7 +299,7 @@ async def test_cancel_and_pause_during_a_stored_retry_backoff(engines: Engines) 
 
 async def test_cancel_and_pause_reach_a_run_another_engine_drives(engines: Engines) -> None:
     """The owner learns of a request from its lease renewal (every third of the lease)."""
-    owner = await engines.open(lease=1.5)
+    owner = await engines.open(lease=3.0)
     other = await engines.open()
     log, began = Log(), asyncio.Event()
     gate = asyncio.Event()

@@ -118,6 +118,14 @@ async def test_a_builder_sleep_step(engines: Engines) -> None:
     assert [h.name for h in result.history] == ["a", "pause", "b"]
 
 
+@pytest.mark.xfail(strict=True, reason="SPEC §5: fluxrun.testing (a fake clock) is not built")
+def test_a_fake_clock_for_tests_exists() -> None:
+    import importlib
+
+    testing = importlib.import_module("fluxrun.testing")
+    assert hasattr(testing, "FakeClock")
+
+
 @pytest.mark.parametrize("how", ["sleep", "timedelta", "sleep_until"])
 async def test_a_sleep_wakes_at_its_time_and_the_handler_is_not_called_again(
     engines: Engines, how: str
