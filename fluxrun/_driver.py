@@ -22,13 +22,7 @@ from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
 from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
 from ._machine import RunMachine
-from ._records import (
-    TERMINAL_STATUSES,
-    FluxResult,
-    StepExecution,
-    StepStatus,
-    WorkflowStatus,
-)
+from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
 from ._state import apply_changes, replay_data
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
@@ -481,10 +475,9 @@ class DriverBase(RunMachine):
             self.task.cancel(_INTERRUPT)
 
     def cut_at_close(self) -> None:
-        """close() stopped waiting for this run: cut a running async attempt (or an
-        in-memory backoff) short, so that the run is released at once (its caller gets
-        :class:`EngineClosedError`). A sync attempt's thread cannot be stopped: its run
-        stays owned (two attempts never run at once) until its lease expires."""
+        """close() stopped waiting: cut an async attempt (or in-memory backoff) short, so the
+        run is released now (its caller gets :class:`EngineClosedError`). A sync attempt's
+        thread cannot be stopped: that run stays owned until its lease expires."""
         if self._interruptible and self.task is not None:
             self._cut_at_close = True
             self.task.cancel(_INTERRUPT)
