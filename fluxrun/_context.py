@@ -134,7 +134,11 @@ def sleep_until(when: dt.datetime) -> SleepMarker:
             f"sleep_until needs a timezone-aware datetime (for example with tzinfo=UTC), "
             f"got {when!r}"
         )
-    marker = SleepMarker(until=when.astimezone(dt.UTC))
+    try:
+        until = when.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidArgumentError(f"sleep_until: {when!r} is out of range in UTC") from None
+    marker = SleepMarker(until=until)
     _made(marker)
     return marker
 

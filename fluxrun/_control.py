@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._codec import decode, encode
+from ._context import MAX_WAIT_SECONDS
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
 from ._options import naming, text_arg
@@ -74,7 +75,10 @@ def prepare_run(
 
     Raises:
         InvalidInputError: the input failed validation or cannot be stored.
+        InvalidArgumentError: ``delay`` is longer than 100 years.
     """
+    if delay is not None and delay > MAX_WAIT_SECONDS:
+        raise InvalidArgumentError(f"delay must be at most 100 years, got {delay:g} seconds")
     spec = definition.input_spec
     typed = input if spec is None else spec.validate(input, definition.name)
     plain = typed if spec is None else spec.to_plain(typed)
@@ -160,6 +164,12 @@ async def send_signal(
 
 async def request_run(rt: Runtime, run_id: str, kind: str, reason: str | None) -> bool:
     """Ask for a cancel or pause of a run; False if the run is already finished."""
+    if kind == "pause":
+        row = await rt.store.load(run_id)
+        if row is not None and row.status == WorkflowStatus.PAUSED.value:
+            # Paused already: a stored request would only make the run due (a claim that
+            # changes nothing, and races an unpause).
+            return True
     asked = await rt.store.request(run_id, kind, reason)  # type: ignore[arg-type]
     if asked:
         # The driver here (if any) acts at once; otherwise a claimer sees it in the row.

@@ -23,7 +23,7 @@ from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
 from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
 from ._machine import RunMachine
-from ._records import FluxResult, StepExecution, StepStatus, WorkflowStatus
+from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
 from ._state import apply_changes, replay_data
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
@@ -231,6 +231,7 @@ class DriverBase(RunMachine):
         self.request_reason: str | None = None
         self.task: asyncio.Task[Any] | None = None
         self._interruptible = False
+        self._cut_at_close = False
         # What the run waits for after this drive, when it suspended ("signal", "sleep",
         # "backoff"): a caller waiting for its result waits through sleeps and backoffs.
         self.wait_kind: str | None = None
@@ -334,6 +335,9 @@ class DriverBase(RunMachine):
             # A step row's own end time doubles as the run's update time (one clock read).
             row = patch.get("insert_step")
             updated_at = (row.completed_at if row is not None else None) or utcnow()
+        if patch.get("status") in TERMINAL_STATUSES:
+            # A cancel or pause asked too late must not stop a later resume of this run.
+            patch.setdefault("requested", None)
         t = self.transition(updated_at=updated_at, **patch)
         self.record(t, await self.store.apply(t))
 
@@ -472,18 +476,34 @@ class DriverBase(RunMachine):
         if kind == "cancel" and self._interruptible and self.task is not None:
             self.task.cancel(_INTERRUPT)
 
+    def cut_at_close(self) -> None:
+        """close() stopped waiting: cut an async attempt (or in-memory backoff) short, so the
+        run is released now (its caller gets :class:`EngineClosedError`). A sync attempt's
+        thread cannot be stopped: that run stays owned until its lease expires."""
+        if self._interruptible and self.task is not None:
+            self._cut_at_close = True
+            self.task.cancel(_INTERRUPT)
+
     def _absorb_cancel(self) -> None:
-        """Turn this driver's own interruption back into normal flow; re-raise any other
-        cancellation (the caller's or the event loop's)."""
+        """Turn this driver's own interruption back into normal flow (a cancel of the run)
+        or into :class:`EngineClosedError` (a close); re-raise any other cancellation (the
+        caller's or the event loop's)."""
         task = self.task
         if (
-            self.request != "cancel"
+            (self.request != "cancel" and not self._cut_at_close)
             or task is None
             or task is not asyncio.current_task()
             or task.cancelling() == 0
         ):
             raise asyncio.CancelledError()
         task.uncancel()
+        if self._cut_at_close:
+            raise EngineClosedError(
+                f"run {self.id!r}: the engine was closed while a step ran; the run was "
+                "released and another engine continues it",
+                workflow_id=self.id,
+                workflow_name=self.definition.name,
+            )
 
     async def _store_backoff(
         self, index: int, step: StepDefinition, failed: Failed, retries: int, delay: float

@@ -244,9 +244,9 @@ class FluxEngine(RunControl):
         and the store.
 
         Runs being driven stop at their next step boundary (waiting at most ``timeout``
-        seconds for running steps) and are released, so another engine continues them at
-        once; their callers get :class:`EngineClosedError`. Sync steps still queued for a
-        thread do not start.
+        seconds for running steps, then cutting async ones short) and are released, so
+        another engine continues them at once; their callers (and ``result()`` waiters) get
+        :class:`EngineClosedError`. Sync steps still queued for a thread do not start.
         """
         if (
             isinstance(timeout, bool)
@@ -261,7 +261,7 @@ class FluxEngine(RunControl):
             return
         self._closing = True
         await self._scheduler.stop()
-        await self._runtime.wait_idle(timeout)
+        await self._runtime.stop_driving(timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         # Callers of cancelled queued steps get EngineClosedError and release their runs.

@@ -42,6 +42,8 @@ class RunDriver(RollbackDriver):
         steps = self.definition.steps
         index = start
         while index < len(steps):
+            # Set first: a pause at this boundary is stored as stopped before this step.
+            self.current_step = index
             if self.request is not None:
                 return await self.on_request()
             if self.settings.closing():
@@ -54,7 +56,6 @@ class RunDriver(RollbackDriver):
                     step=steps[index].name,
                 )
             step = steps[index]
-            self.current_step = index
             row = self.rows.get(index)
             if row is not None and step.commit and row.status == _COMPLETED:
                 self.tracked.apply_recorded(row.changes)

@@ -43,6 +43,7 @@ from ._state import history, replay_data
 from ._trace import Emitter
 from .errors import (
     ConcurrentModificationError,
+    EngineClosedError,
     FluxError,
     WaitTimeoutError,
     WorkflowNotFoundError,
@@ -66,6 +67,15 @@ def wants_result(status: str, wait_kind: str | None) -> bool:
     if status in FINISHED_STATUSES or status == WorkflowStatus.PAUSED.value:
         return True
     return status == _SUSPENDED and wait_kind in (None, "signal")
+
+
+def waited_signal(row: RunRow) -> str | None:
+    """The signal a stored run is suspended on (None if it waits for no signal)."""
+    if row.status != _SUSPENDED or row.wait_kind not in (None, "signal"):
+        return None
+    return row.wait_name or next(
+        (r.waiting_for for r in row.steps if r.index == row.current_step), None
+    )
 
 
 def is_final(result: FluxResult) -> bool:
@@ -163,7 +173,10 @@ class Runtime:
             # Its wake-up (a timer, a signal, an unpause) comes through the scheduler, which
             # drives registered workflows only: a run started from a builder is adopted.
             self.registry.adopt(driver.definition)
-        if wants_result(driver.status.value, driver.wait_kind):
+        if wants_result(driver.status.value, driver.wait_kind) and (
+            driver.status in TERMINAL_STATUSES or driver.request is None
+        ):
+            # (A cancel or pause noted while it suspended moves it on: waiters wait for that.)
             self._settle(driver.id, result)
         return result
 
@@ -189,6 +202,14 @@ class Runtime:
                 f"{driver.label}: could not release the run after "
                 f"{type(exc).__name__}; it is recovered when its lease expires ({failure!r})"
             )
+
+    async def stop_driving(self, timeout: float) -> None:
+        """At close: wait (at most ``timeout`` seconds) for the runs driven here to reach a
+        step boundary, then cut the async attempts still running short, so that their runs
+        are released (see :meth:`RunDriver.cut_at_close`)."""
+        await self.wait_idle(timeout)
+        for driver in list(self.active.values()):
+            driver.cut_at_close()
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until no run is driven here."""
@@ -270,13 +291,8 @@ class Runtime:
         if row is None or row.fence != fence or row.owner != self.settings.owner:
             return None  # deleted, or claimed by someone else meanwhile
         applied = Applied(version=row.version, fence=row.fence)
-        signal = None
-        if row.status == _SUSPENDED and row.wait_kind in (None, "signal"):
-            name = row.wait_name or next(
-                (r.waiting_for for r in row.steps if r.index == row.current_step), None
-            )
-            if name is not None:
-                signal = await self.store.first_signal(row.id, name)
+        name = waited_signal(row)
+        signal = None if name is None else await self.store.first_signal(row.id, name)
         decision = decide(
             row,
             definition,
@@ -337,6 +353,19 @@ class Runtime:
 
     # -- results -----------------------------------------------------------------------------
 
+    async def _stopped(self, row: RunRow) -> bool:
+        """Whether a stored run is where a result() waiter gets it (:func:`wants_result`),
+        and stays there until something comes from outside: no cancel or pause asked of it,
+        and no signal in its inbox for the wait it is suspended on."""
+        if not wants_result(row.status, row.wait_kind):
+            return False
+        if row.status in FINISHED_STATUSES:
+            return True
+        if row.requested is not None:
+            return False
+        name = waited_signal(row)
+        return name is None or await self.store.first_signal(row.id, name) is None
+
     def _settle(self, run_id: str, result: FluxResult) -> None:
         for fut in self._watchers.pop(run_id, ()):
             if not fut.done():
@@ -352,13 +381,20 @@ class Runtime:
             fut: asyncio.Future[FluxResult] = loop.create_future()
             self._watchers.setdefault(run_id, set()).add(fut)
             try:
+                if run_id not in self.active and self.settings.closing():
+                    # Nothing here will drive it, report on it, or read the store again.
+                    raise EngineClosedError(
+                        f"run {run_id!r}: the engine was closed before the run finished or "
+                        "stopped to wait; another engine continues it",
+                        workflow_id=run_id,
+                    )
                 if run_id not in self.active:
                     row = await self.store.load(run_id)
                     if row is None:
                         raise WorkflowNotFoundError(
                             f"Workflow not found: {run_id}", workflow_id=run_id
                         )
-                    if wants_result(row.status, row.wait_kind):
+                    if await self._stopped(row):
                         return stored_result(row, started)
                 wait = self.poll_interval
                 if deadline is not None:

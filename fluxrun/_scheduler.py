@@ -52,8 +52,9 @@ class Scheduler:
         return self._task is not None and not self._task.done()
 
     def free(self) -> int:
-        """Slots free for more runs."""
-        return self._max - len(self._rt.active) - len(self.inflight)
+        """Slots free for more runs (a run this loop claimed is in ``inflight`` and, while
+        it is driven, in ``active`` too: counted once)."""
+        return self._max - len(self._rt.active.keys() | self.inflight.keys())
 
     def start(self) -> None:
         """Start the loop on the running event loop."""

@@ -3,7 +3,8 @@
 ``store`` is parametrized over the three backends; every test that takes it runs against
 MemoryStorage, SQLiteStorage on a temporary file and PostgresStorage on a fresh database.
 ``backend`` tells a test which one it got and where it lives (to read the schema from
-outside the store).
+outside the store). ``engines`` opens engines on one new store of each backend (the
+scheduling tests).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from contract_support import Backend, open_store
+from sched_support import Engines
 
 from fluxrun.storage._base import Store
 
@@ -42,3 +44,19 @@ def backend(store: Store, request: pytest.FixtureRequest) -> Backend:
     """Which backend ``store`` is."""
     found: Backend = request.node.stash[_BACKEND]
     return found
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def engines(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engines]:
+    """Engines on one new store of each backend (see :class:`sched_support.Engines`)."""
+    kind: str = request.param
+    location: str | None = None
+    if kind == "sqlite":
+        location = str(tmp_path / "sched.db")
+    elif kind == "postgres":
+        location = request.getfixturevalue("fresh_pg_dsn")
+    made = Engines(kind, location)
+    try:
+        yield made
+    finally:
+        await made.close_all()
