@@ -11,8 +11,14 @@ from typing import Any
 
 from ._codec import encode
 from ._definition import WorkflowDefinition
-from ._driver import final_attempt, rollback_data
-from ._machine import claim_transition, failed_index, start_index, waiting_row
+from ._machine import (
+    claim_transition,
+    failed_index,
+    final_attempt,
+    rollback_data,
+    start_index,
+    waiting_row,
+)
 from ._records import FluxResult, StepAttempt, StepStatus, WorkflowStatus
 from ._runner import claim_for, utcnow
 from ._runtime import Runtime

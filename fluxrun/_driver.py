@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -25,7 +25,6 @@ from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
 from ._machine import RunMachine
 from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
-from ._state import apply_changes, replay_data
 from ._trace import Emitter, FluxTraceEvent, TraceEventType, now_ms
 from .errors import (
     DefinitionError,
@@ -45,16 +44,12 @@ __all__ = [
     "Interrupted",
     "Released",
     "Settings",
-    "final_attempt",
-    "rollback_data",
     "since",
     "utcnow",
 ]
 
 _UTC = dt.UTC
 _COMPLETED = StepStatus.COMPLETED.value
-_COMPENSATED = StepStatus.COMPENSATED.value
-_COMPENSATING = StepStatus.COMPENSATING.value
 _PENDING = WorkflowStatus.PENDING
 _IMMUTABLE = (type(None), str, int, float, bool)
 
@@ -124,57 +119,6 @@ class Failed(Exception):
             error=info.message,
             traceback=info.traceback,
         )
-
-
-def rollback_data(rows: Iterable[StepRow], failed: int) -> dict[str, Any]:
-    """``ctx.data`` for continuing a rollback: as before step ``failed``, then the changes of
-    the compensations already recorded, last step first."""
-    ordered = sorted(rows, key=lambda r: r.index)
-    data = replay_data(ordered, before=failed)
-    for r in reversed(ordered):
-        if r.index < failed:
-            apply_changes(data, r.compensation_changes)
-    return data
-
-
-def final_attempt(row: StepRow, logged: Iterable[AttemptRow]) -> AttemptRow | None:
-    """The last forward attempt a step row stands for (None for a skipped step)."""
-    if row.status in (StepStatus.SKIPPED.value, StepStatus.PENDING.value):
-        return None
-    status = row.status
-    if status in (_COMPENSATED, _COMPENSATING):
-        status = _COMPLETED
-    finished = row.completed_at or row.suspended_at
-    started = row.started_at
-    if row.retries:
-        # The row spans every attempt; the last one began when the one before it ended.
-        earlier = [
-            a.finished_at
-            for a in logged
-            if a.kind == "step"
-            and a.index == row.index
-            and a.finished_at is not None
-            and (started is None or a.finished_at >= started)
-        ]
-        if earlier:
-            started = max(earlier)
-    duration = row.duration_ms
-    if row.retries and started is not None and finished is not None:
-        duration = (finished - started).total_seconds() * 1000.0
-    forward_error = status == StepStatus.FAILED.value
-    return AttemptRow(
-        index=row.index,
-        name=row.name,
-        attempt=row.retries + 1,
-        kind="step",
-        status=status,
-        started_at=started,
-        finished_at=finished,
-        duration_ms=duration,
-        error_type=row.error_type if forward_error else None,
-        error=row.error if forward_error else None,
-        traceback=row.traceback if forward_error else None,
-    )
 
 
 def _retryable(exc: BaseException, policy: RetryPolicy) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._definition import WorkflowDefinition
 from ._records import StepExecution, StepStatus, WorkflowStatus
-from ._state import entry
+from ._state import apply_changes, entry, replay_data
 from .errors import (
     CommittedStepError,
     InvalidStepIndexError,
@@ -56,13 +56,17 @@ __all__ = [
     "WakeSleep",
     "decide",
     "failed_index",
+    "final_attempt",
     "first_unrecorded",
+    "rollback_data",
     "start_index",
     "waiting_row",
 ]
 
 _COMPLETED = StepStatus.COMPLETED.value
 _SUSPENDED = StepStatus.SUSPENDED.value
+_COMPENSATED = StepStatus.COMPENSATED.value
+_COMPENSATING = StepStatus.COMPENSATING.value
 _RUNNING = WorkflowStatus.RUNNING.value
 
 
@@ -338,6 +342,57 @@ def deliver_step(row: RunRow, applied: Applied, d: Deliver, now: dt.datetime) ->
 def signal_ref(d: Deliver) -> SignalRef:
     """The inbox row a delivery consumes."""
     return SignalRef(seq=d.signal.seq, step=d.index)
+
+
+def rollback_data(rows: Iterable[StepRow], failed: int) -> dict[str, Any]:
+    """``ctx.data`` for continuing a rollback: as before step ``failed``, then the changes of
+    the compensations already recorded, last step first."""
+    ordered = sorted(rows, key=lambda r: r.index)
+    data = replay_data(ordered, before=failed)
+    for r in reversed(ordered):
+        if r.index < failed:
+            apply_changes(data, r.compensation_changes)
+    return data
+
+
+def final_attempt(row: StepRow, logged: Iterable[AttemptRow]) -> AttemptRow | None:
+    """The last forward attempt a step row stands for (None for a skipped step)."""
+    if row.status in (StepStatus.SKIPPED.value, StepStatus.PENDING.value):
+        return None
+    status = row.status
+    if status in (_COMPENSATED, _COMPENSATING):
+        status = _COMPLETED
+    finished = row.completed_at or row.suspended_at
+    started = row.started_at
+    if row.retries:
+        # The row spans every attempt; the last one began when the one before it ended.
+        earlier = [
+            a.finished_at
+            for a in logged
+            if a.kind == "step"
+            and a.index == row.index
+            and a.finished_at is not None
+            and (started is None or a.finished_at >= started)
+        ]
+        if earlier:
+            started = max(earlier)
+    duration = row.duration_ms
+    if row.retries and started is not None and finished is not None:
+        duration = (finished - started).total_seconds() * 1000.0
+    forward_error = status == StepStatus.FAILED.value
+    return AttemptRow(
+        index=row.index,
+        name=row.name,
+        attempt=row.retries + 1,
+        kind="step",
+        status=status,
+        started_at=started,
+        finished_at=finished,
+        duration_ms=duration,
+        error_type=row.error_type if forward_error else None,
+        error=row.error if forward_error else None,
+        traceback=row.traceback if forward_error else None,
+    )
 
 
 # -- the claims of operator actions ------------------------------------------------------------

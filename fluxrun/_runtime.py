@@ -17,7 +17,7 @@ from typing import Any
 
 from ._codec import decode
 from ._definition import WorkflowDefinition
-from ._driver import Failed, Released, rollback_data, utcnow
+from ._driver import Failed, Released, utcnow
 from ._lease import LeaseKeeper
 from ._machine import (
     Cancel,
@@ -33,6 +33,7 @@ from ._machine import (
     WakeSleep,
     decide,
     deliver_step,
+    rollback_data,
     signal_ref,
     wake_transition,
 )

@@ -95,35 +95,33 @@ async def test_a_sleeping_run_is_stored_suspended_and_holds_nothing(engines: Eng
     assert calls == ["nap"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="SPEC §5: StepExecution.wake_at / WorkflowState.wake_at are not built"
-)
 async def test_the_wake_time_is_on_the_records(engines: Engines) -> None:
     engine = await engines.open()
     handle = await engine.start(sleeper([], lambda: sleep(HOUR)))
     row = await stored_as(engine, handle.id, "suspended", wait_kind="sleep")
     state = await handle.state()
-    assert getattr(state, "wake_at", None) == row.run_after
-    assert getattr(state.history[0], "wake_at", None) == row.run_after
+    assert state.wake_at == row.run_after
+    assert state.history[0].wake_at == row.run_after
     await engine.cancel(handle.id)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §5: the builder has no .sleep(name, duration)")
 async def test_a_builder_sleep_step(engines: Engines) -> None:
     engine = await engines.open()
-    builder: Any = create_workflow("built").step("a", noop)
-    flow = builder.sleep("pause", 0.2).step("b", noop)
+    started = utcnow()
+    flow = create_workflow("built").step("a", noop).sleep("pause", 0.2).step("b", noop)
     result = await engine.execute(flow)
     assert result.status is WorkflowStatus.COMPLETED
     assert [h.name for h in result.history] == ["a", "pause", "b"]
+    pause = result.history[1]
+    assert pause.status is StepStatus.COMPLETED
+    assert pause.completed_at is not None
+    assert pause.completed_at >= started + dt.timedelta(seconds=0.2)  # never early
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §5: fluxrun.testing (a fake clock) is not built")
-def test_a_fake_clock_for_tests_exists() -> None:
-    import importlib
-
-    testing = importlib.import_module("fluxrun.testing")
-    assert hasattr(testing, "FakeClock")
+@pytest.mark.parametrize("duration", [-1, float("nan"), True, "1s"])
+def test_a_builder_sleep_with_a_bad_duration_is_refused(duration: Any) -> None:
+    with pytest.raises(DefinitionError):
+        create_workflow("bad").sleep("pause", duration)
 
 
 @pytest.mark.parametrize("how", ["sleep", "timedelta", "sleep_until"])
