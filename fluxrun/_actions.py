@@ -66,7 +66,7 @@ async def signal_run(
             details={"expected": waiting.waiting_for, "received": name},
         )
     await rt.store.send_signal(row.id, name, payload_text)
-    return await rt.drive_now(row.id, definition)
+    return await rt.drive_now(row.id, definition, row)
 
 
 async def resume_run(

@@ -17,7 +17,7 @@ import datetime as dt
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from ._definition import WorkflowDefinition
 from ._records import StepExecution, StepStatus, WorkflowStatus
@@ -115,7 +115,7 @@ class RunMachine:
         run_after: dt.datetime | Keep | None = KEEP,
         wait_kind: str | Keep | None = KEEP,
         attempt: int | Keep = KEEP,
-        requested: Keep | None = KEEP,
+        requested: Keep | Literal["pause"] | None = KEEP,
         consume_signal: SignalRef | None = None,
         delete_steps_from: int | None = None,
         updated_at: dt.datetime,

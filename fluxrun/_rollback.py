@@ -94,6 +94,10 @@ class RollbackDriver(DriverBase):
             if failure is not None:
                 return failure
             compensated += 1
+        if ending is None and self.request == "cancel":
+            # Cancelled while it was rolling back a failure: cancel() said yes, so it ends
+            # cancelled (its compensations ran all the same).
+            ending = WorkflowStatus.CANCELLED
         if ending is not None:
             await self.save(status=ending, completed_at=utcnow(), release=True, requested=None)
             if compensated:

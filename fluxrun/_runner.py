@@ -82,7 +82,8 @@ class RunDriver(RollbackDriver):
         if self.request == "cancel":
             return await self.cancel(self.request_reason)
         self.emitter.log.info(f"{self.label} paused at step {self.names[self.current_step]!r}")
-        await self.save(status=WorkflowStatus.PAUSED, requested=None, release=True)
+        # Clears the pause only: a cancel asked meanwhile stays, and the run is claimed for it.
+        await self.save(status=WorkflowStatus.PAUSED, requested="pause", release=True)
         self.request = None
         return self.result()
 

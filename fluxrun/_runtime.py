@@ -10,6 +10,7 @@ what it needs and hands it to a :class:`~fluxrun._runner.RunDriver`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
@@ -232,12 +233,17 @@ class Runtime:
     # -- continuing a claimed run ------------------------------------------------------------
 
     async def drive_now(
-        self, run_id: str, definition: WorkflowDefinition | None = None
+        self,
+        run_id: str,
+        definition: WorkflowDefinition | None = None,
+        row: RunRow | None = None,
     ) -> FluxResult:
         """Claim a run and drive it here at once (a signal or unpause just made it due),
         by ``definition`` (default: the registered one); if another executor has it, wait
-        for its result instead."""
-        row = await self.store.load(run_id)
+        for its result instead. ``row``: the run as the caller just loaded it (its claim is
+        made against that version, so it is not read again)."""
+        if row is None:
+            row = await self.store.load(run_id)
         if row is None:
             raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
         if definition is None and row.name in self.registry:
@@ -257,8 +263,16 @@ class Runtime:
             else:
                 now = self.settings.clock.now()
                 timer_due = row.run_after is not None and row.run_after <= now
+                # The claim changed only the lease columns of the row read above.
+                claimed = dataclasses.replace(
+                    row,
+                    version=applied.version,
+                    fence=applied.fence,
+                    owner=self.settings.owner,
+                    claims=row.claims + 1,
+                )
                 outcome = await self.continue_claimed(
-                    run_id, definition, applied.fence, timer_due=timer_due
+                    run_id, definition, applied.fence, timer_due=timer_due, claimed=claimed
                 )
                 if outcome is not None and is_final(outcome):
                     return outcome
@@ -266,29 +280,42 @@ class Runtime:
 
     async def unpause(self, row: RunRow) -> bool:
         """Make a paused run due again (it continues where it stopped); False if the run
-        was not paused."""
-        if row.status != WorkflowStatus.PAUSED.value:
-            return False
-        await self.store.apply(
-            Transition(
-                run_id=row.id,
-                expected_version=row.version,
-                updated_at=utcnow(),
-                status=_SUSPENDED if row.wait_kind else WorkflowStatus.PENDING.value,
-                requested=None,
-            )
-        )
-        self.on_idle()
-        return True
+        was not paused (or stopped being paused meanwhile: a cancel claimed it, say)."""
+        current: RunRow | None = row
+        for _ in range(3):
+            if current is None or current.status != WorkflowStatus.PAUSED.value:
+                return False
+            try:
+                await self.store.apply(
+                    Transition(
+                        run_id=current.id,
+                        expected_version=current.version,
+                        updated_at=utcnow(),
+                        status=_SUSPENDED if current.wait_kind else WorkflowStatus.PENDING.value,
+                        requested="pause",  # a cancel asked meanwhile stays
+                    )
+                )
+            except ConcurrentModificationError:
+                current = await self.store.load(row.id)  # changed or claimed: look again
+                continue
+            self.on_idle()
+            return True
+        return False
 
     async def continue_claimed(
-        self, run_id: str, definition: WorkflowDefinition, fence: int, *, timer_due: bool
+        self,
+        run_id: str,
+        definition: WorkflowDefinition,
+        fence: int,
+        *,
+        timer_due: bool,
+        claimed: RunRow | None = None,
     ) -> FluxResult | None:
         """Do what a run this engine has just claimed (under ``fence``) needs (see
-        :func:`decide`). Returns the outcome of driving it, or None when it was only put
-        back."""
+        :func:`decide`); ``claimed`` is the run with its steps if the caller has it. Returns
+        the outcome of driving it, or None when it was only put back."""
         started = time.perf_counter()
-        row = await self.store.load(run_id)
+        row = claimed if claimed is not None else await self.store.load(run_id)
         if row is None or row.fence != fence or row.owner != self.settings.owner:
             return None  # deleted, or claimed by someone else meanwhile
         applied = Applied(version=row.version, fence=row.fence)

@@ -214,8 +214,9 @@ class Transition:
     ``version`` rises by one.
 
     Scheduling patches (``KEEP`` by default, so a plain step commit writes none of them):
-    ``run_after``, ``wait_kind``, ``attempt``, and ``requested`` (only ``None``: clear a
-    pending request and its reason). ``consume_signal`` marks that inbox row of the run
+    ``run_after``, ``wait_kind``, ``attempt``, and ``requested`` (``None``: clear a pending
+    request and its reason; ``"pause"``: clear it only if it is a pause, so a cancel asked
+    meanwhile survives). ``consume_signal`` marks that inbox row of the run
     consumed (``consumed_by_step``, ``consumed_at = updated_at``) in the same transaction;
     if it does not exist or was consumed already the whole transition fails with
     ``ConcurrentModificationError``: a signal is consumed exactly once.
@@ -241,7 +242,7 @@ class Transition:
     run_after: dt.datetime | Keep | None = KEEP
     wait_kind: str | Keep | None = KEEP
     attempt: int | Keep = KEEP
-    requested: Keep | None = KEEP
+    requested: Keep | Literal["pause"] | None = KEEP
     consume_signal: SignalRef | None = None
 
 

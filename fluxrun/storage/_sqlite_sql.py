@@ -123,6 +123,14 @@ _CLAIM = (
 )
 
 
+_CLEAR_REQUEST = "requested = NULL, request_reason = NULL"
+# Both CASEs read the row's old value (SQL evaluates every SET against the old row).
+_CLEAR_PAUSE = (
+    "requested = CASE WHEN requested = 'pause' THEN NULL ELSE requested END, "
+    "request_reason = CASE WHEN requested = 'pause' THEN NULL ELSE request_reason END"
+)
+
+
 def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
     """Apply one transition in one ``BEGIN IMMEDIATE`` transaction (see :class:`Transition`)."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
@@ -169,7 +177,7 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
         sets.append("run_after = ?")
         params.append(to_micros(t.run_after))  # type: ignore[arg-type]
     if t.requested is not KEEP:
-        sets.append("requested = NULL, request_reason = NULL")
+        sets.append(_CLEAR_REQUEST if t.requested is None else _CLEAR_PAUSE)
     update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
     row: tuple[int, int] | None
     if t.fence is not None and t.claim is None:

@@ -272,7 +272,7 @@ class MemoryStorage(Store):
                 value = getattr(t, name)
                 if value is not KEEP:
                     changes[name] = value
-            if t.requested is not KEEP:
+            if t.requested is None or (t.requested == "pause" and col("requested") == "pause"):
                 changes.update(requested=None, request_reason=None)
             if t.delete_steps_from is not None:
                 for index in [i for i in steps if i >= t.delete_steps_from]:

@@ -255,7 +255,14 @@ class PostgresStorage(Store):
                 sets.append(column + " = %s")
                 params.append(value)
         if t.requested is not KEEP:
-            sets += ["requested = NULL", "request_reason = NULL"]
+            if t.requested is None:
+                sets += ["requested = NULL", "request_reason = NULL"]
+            else:  # clear a pause only; both CASEs read the old row
+                sets += [
+                    "requested = CASE WHEN requested = 'pause' THEN NULL ELSE requested END",
+                    "request_reason = CASE WHEN requested = 'pause' THEN NULL "
+                    "ELSE request_reason END",
+                ]
         owned = "fence = %s" if t.fence is not None else UNOWNED
         where = "id = %s AND version = %s AND " + owned
         params += [t.run_id, t.expected_version]

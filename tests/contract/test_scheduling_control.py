@@ -523,3 +523,32 @@ async def test_a_request_too_late_for_a_run_does_not_outlive_it(engines: Engines
     assert row.status == "suspended" and row.requested is None
     assert await engine.send_signal(handle.id, "go") is True
     assert (await finished(engine, handle.id)).status is WorkflowStatus.COMPLETED
+
+
+async def test_cancel_during_a_failures_rollback_ends_it_cancelled(engines: Engines) -> None:
+    engine = await engines.open()
+    log, gate, began = Log(), asyncio.Event(), asyncio.Event()
+
+    async def slow_undo(ctx: WorkflowContext) -> None:
+        log.lines.append("undo a")
+        began.set()
+        await gate.wait()
+
+    def boom(ctx: WorkflowContext) -> None:
+        raise RuntimeError("card declined")
+
+    flow = (
+        create_workflow("cancel-in-rollback")
+        .step("a", log.step("a"), compensate=slow_undo)
+        .step("b", boom)
+    )
+    handle = await engine.start(flow)
+    await asyncio.wait_for(began.wait(), HANG)
+    assert await engine.cancel(handle.id, reason="changed mind") is True
+    gate.set()  # the compensation is not cut short: it finishes
+    result = await handle.result(timeout=HANG)
+    assert result.status is WorkflowStatus.CANCELLED
+    assert log.lines == ["a", "undo a"]
+    assert result.history[0].status is StepStatus.COMPENSATED
+    row = await load(engine, handle.id)
+    assert row.owner is None and row.requested is None

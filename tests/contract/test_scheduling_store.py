@@ -451,6 +451,19 @@ async def test_renew_leases_reports_requests_and_a_transition_clears_them(store:
     assert renewed.lost == {"r2"} and renewed.requested == {}
 
 
+async def test_clearing_a_pause_leaves_a_cancel(store: Store) -> None:
+    await add(store, "p", status="running", owner="a")
+    await add(store, "c", status="running", owner="a")
+    await store.request("p", "pause", "tea")
+    await store.request("c", "pause")
+    await store.request("c", "cancel", "stop")  # came after the pause: it must survive
+    await store.apply(t("p", 1, fence=1, requested="pause"))
+    await store.apply(t("c", 1, fence=1, requested="pause"))
+    row_p, row_c = await must_load(store, "p"), await must_load(store, "c")
+    assert (row_p.requested, row_p.request_reason) == (None, None)
+    assert (row_c.requested, row_c.request_reason) == ("cancel", "stop")
+
+
 # -- counts -----------------------------------------------------------------------------------
 
 
