@@ -25,6 +25,11 @@ __all__ = ["Scheduler"]
 
 _MAX_CLAIMS_PER_RECOVER = 50
 
+_WATCH = 0.1
+"""How often the loop asks a store that can tell (SQLite) whether another process committed:
+a signal, a start or a release from another process is then seen within this, not within
+the poll interval."""
+
 _MIN_WAIT = 0.005
 """The shortest sleep between passes, so a timer the store does not yet see as due (its clock
 is a little behind ours) costs a few polls, not a spin."""
@@ -43,6 +48,10 @@ class Scheduler:
         self.inflight: dict[str, asyncio.Task[FluxResult | None]] = {}
         # Whether the loop waits for a slot to free up (then a finished drive wakes it).
         self._starved = False
+        # Whether the loop sleeps between passes now (tests and observers read it).
+        self.idle = False
+        # The store's count of other processes' commits when last seen (None: it has none).
+        self._seen: int | None = None
         runtime.on_idle = self.wake
         runtime.on_drive_end = self._drive_ended
 
@@ -86,6 +95,10 @@ class Scheduler:
 
     async def _run(self) -> None:
         errors = 0
+        try:
+            self._seen = await self._rt.store.external_changes()
+        except Exception:
+            self._seen = None
         while not self._stopping:
             self._wake.clear()
             try:
@@ -101,10 +114,36 @@ class Scheduler:
                 wait = min(self._rt.poll_interval * errors, 30.0)
             if self._stopping:
                 return
+            self.idle = True
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+                await self._sleep(wait)
+            finally:
+                self.idle = False
+
+    async def _sleep(self, wait: float) -> None:
+        """Wait ``wait`` seconds, or less: until a local wake-up, or until the store says
+        another process committed (a cheap read, every :data:`_WATCH` seconds, for stores
+        that can tell: SQLite's ``data_version``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            watching = self._seen is not None
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, _WATCH) if watching else left)
+                return
             except TimeoutError:
                 pass
+            if watching:
+                try:
+                    seen = await self._rt.store.external_changes()
+                except Exception:
+                    return  # the pass that follows reports what is wrong with the store
+                if seen != self._seen:
+                    self._seen = seen
+                    return
 
     async def _idle_wait(self) -> float:
         """How long to sleep before the next pass."""

@@ -470,6 +470,12 @@ class Store(abc.ABC):
             WorkflowNotFoundError: no run has this id.
         """
 
+    async def external_changes(self) -> int | None:
+        """A number that changes whenever another process (or connection) committed to the
+        store, read cheaply without a lock (SQLite's ``PRAGMA data_version``); None when the
+        store has no such signal (then the scheduler relies on its poll)."""
+        return None
+
     @abc.abstractmethod
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """How many runs (of workflow ``name``, or all) are in each status (absent: 0)."""

@@ -508,6 +508,11 @@ class SQLiteStorage(Store):
 
         return await self._run(claim, "claim")
 
+    async def external_changes(self) -> int | None:
+        """SQLite's ``PRAGMA data_version`` of this store's connection: it moves when
+        another connection (another process) commits, not for this store's own writes."""
+        return await self._run(_data_version, "data_version")
+
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
         """The earliest ``run_after`` among pending and suspended runs of these workflows."""
         return await self._run(lambda conn: _q.next_due(conn, names), "next_due")
@@ -555,3 +560,7 @@ class SQLiteStorage(Store):
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.path!r})"
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
