@@ -24,6 +24,7 @@ from typing import Any
 
 from fluxrun import (
     FluxEngine,
+    FluxTraceEvent,
     MemoryStorage,
     SQLiteStorage,
     WorkflowContext,
@@ -88,11 +89,26 @@ def _timer_flow(started: dict[str, float]) -> WorkflowDefinition:
     return create_workflow("bench-timer").step("nap", nap).step("after", after).build()
 
 
+class _WakeTimes:
+    """A trace sink that keeps each run's wake time as the engine stored it (``step:suspend``
+    carries it as ``meta["wakeAt"]``)."""
+
+    def __init__(self) -> None:
+        self.wake: dict[str, float] = {}
+
+    def emit(self, event: FluxTraceEvent) -> None:
+        if event.type == "step:suspend" and event.meta and event.meta.get("wakeAt"):
+            self.wake[event.workflow_id] = dt.datetime.fromisoformat(
+                event.meta["wakeAt"]
+            ).timestamp()
+
+
 async def _engine_lateness(storage: Any, n: int) -> list[float]:
     """Start ``n`` runs that sleep 1 s; the lateness of each one's next step."""
     started: dict[str, float] = {}
     flow = _timer_flow(started)
-    async with FluxEngine(storage=storage) as engine:  # default settings
+    wakes = _WakeTimes()
+    async with FluxEngine(storage=storage, trace=wakes) as engine:  # default settings
         engine.register(flow)
         ids = [(await engine.start(flow)).id for _ in range(n)]
 
@@ -101,16 +117,7 @@ async def _engine_lateness(storage: Any, n: int) -> list[float]:
             return counts.get("completed", 0) == n
 
         await _until(f"{n} sleeping runs to complete", all_done, every=0.2)
-        late = []
-        for run_id in ids:
-            row = await engine.storage.load(run_id)
-            assert row is not None
-            nap = next(s for s in row.steps if s.name == "nap")
-            assert nap.suspended_at is not None
-            # The engine stores the wake time as the suspension time plus the duration.
-            wake = nap.suspended_at + dt.timedelta(seconds=_SLEEP)
-            late.append(started[run_id] - wake.timestamp())
-    return sorted(late)
+    return sorted(started[run_id] - wakes.wake[run_id] for run_id in ids)
 
 
 def _lateness_row(report: Report, label: str, late: list[float], floor: list[float]) -> None:
