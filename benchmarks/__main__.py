@@ -2,7 +2,10 @@
 
 Sections: 1 memory-store overhead per step over a bare asyncio loop; 2 SQLite store
 throughput, sequential and with many runs in flight, beside raw sqlite3 commits; 3 SQLite
-with ~100 KB of ``ctx.data``; 4 PostgreSQL store beside raw psycopg inserts (with a DSN).
+with ~100 KB of ``ctx.data``; 4 PostgreSQL store beside raw psycopg inserts (with a DSN);
+5 lateness of durable timers beside bare ``asyncio.sleep``; 6 what sleeping runs hold in a
+process (RSS, tasks, threads) beside the process before; 7 kill -9 to the first step of a
+new engine (SQLite, and PostgreSQL with a DSN) beside the lease.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import fluxrun
 
 from ._common import Report, Sizes
 from ._memory import run_memory
-from ._postgres import DSN_ENV, run_postgres
+from ._postgres import DSN_ENV, run_postgres, throwaway_server
 from ._profile import run_profile
+from ._restart import run_restart
 from ._sqlite import run_sqlite
+from ._timers import run_sleepers, run_timers
 
-SECTIONS = ("memory", "sqlite", "big", "postgres")
+SECTIONS = ("memory", "sqlite", "big", "postgres", "timers", "sleepers", "restart")
+_USES_PG = ("postgres", "timers", "restart")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,12 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pg-dsn",
         default=os.environ.get(DSN_ENV) or None,
-        help=f"PostgreSQL DSN for section 4 (default: env {DSN_ENV})",
+        help=f"PostgreSQL DSN for sections 4, 5 and 7 (default: env {DSN_ENV})",
     )
     parser.add_argument(
         "--pg-start",
         action="store_true",
-        help="start a throwaway PostgreSQL server (tests/_pgserver.py) for section 4",
+        help="start a throwaway PostgreSQL server (tests/_pgserver.py) for sections 4, 5 and 7",
     )
     parser.add_argument(
         "--profile",
@@ -102,17 +108,35 @@ async def _run(args: argparse.Namespace, report: Report) -> int:
     wanted = set(args.only or SECTIONS)
     began = time.perf_counter()
     _header(report, sizes, args.quick)
+    if args.pg_start and args.pg_dsn is None and wanted & set(_USES_PG):
+        # One throwaway server for every section that uses PostgreSQL.
+        with throwaway_server(report) as dsn:
+            ok = await _sections(args, report, sizes, wanted, dsn)
+    else:
+        ok = await _sections(args, report, sizes, wanted, args.pg_dsn)
+    report.section(_summary(report, time.perf_counter() - began))
+    return 0 if ok else 1
+
+
+async def _sections(
+    args: argparse.Namespace, report: Report, sizes: Sizes, wanted: set[str], dsn: str | None
+) -> bool:
     ok = True
     if "memory" in wanted:
         await run_memory(report, sizes)
     if "sqlite" in wanted or "big" in wanted:
         await run_sqlite(report, sizes, section2="sqlite" in wanted, big="big" in wanted)
     if "postgres" in wanted:
-        ok = await run_postgres(report, sizes, args.pg_dsn, start=args.pg_start)
+        ok = await run_postgres(report, sizes, dsn, start=False) and ok
+    if "timers" in wanted:
+        ok = await run_timers(report, sizes, dsn) and ok
+    if "sleepers" in wanted:
+        await run_sleepers(report, sizes)
+    if "restart" in wanted:
+        ok = await run_restart(report, sizes, dsn) and ok
     if args.profile:
         await run_profile(report, 200 if args.quick else 2000)
-    report.section(_summary(report, time.perf_counter() - began))
-    return 0 if ok else 1
+    return ok
 
 
 def _summary(report: Report, seconds: float) -> str:

@@ -55,6 +55,10 @@ class Sizes:
     pg_workflows: int
     in_flight: int
     in_flight_repeats: int
+    timer_runs: int
+    sleeping_runs: int
+    restart_runs: int
+    restart_pg_lease: float
 
     @classmethod
     def default(cls) -> Sizes:
@@ -68,6 +72,10 @@ class Sizes:
             pg_workflows=50,
             in_flight=200,
             in_flight_repeats=3,
+            timer_runs=1000,
+            sleeping_runs=10_000,
+            restart_runs=20,
+            restart_pg_lease=15.0,
         )
 
     @classmethod
@@ -82,6 +90,10 @@ class Sizes:
             pg_workflows=3,
             in_flight=10,
             in_flight_repeats=1,
+            timer_runs=20,
+            sleeping_runs=50,
+            restart_runs=3,
+            restart_pg_lease=1.0,
         )
 
 

@@ -26,7 +26,7 @@ from ._common import (
     timed_async,
 )
 
-__all__ = ["DSN_ENV", "run_postgres", "throwaway_server"]
+__all__ = ["DSN_ENV", "run_postgres", "scratch_database", "throwaway_server", "unavailable"]
 
 DSN_ENV = "FLUXRUN_BENCH_PG_DSN"
 _WARMUP = 10
@@ -60,7 +60,7 @@ def throwaway_server(report: Report) -> Iterator[str | None]:
         server.stop()
 
 
-def _unavailable() -> str | None:
+def unavailable() -> str | None:
     """Why the PostgreSQL section cannot run in this checkout, or None if it can."""
     try:
         import psycopg  # noqa: F401
@@ -75,7 +75,7 @@ def _unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def _scratch_database(dsn: str) -> Iterator[tuple[str, str]]:
+def scratch_database(dsn: str) -> Iterator[tuple[str, str]]:
     """A new database on the server for the runs, dropped afterwards; or, without the
     privilege to create one, the given database itself. Yields (dsn, description)."""
     import psycopg
@@ -188,12 +188,12 @@ async def _postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
             "throwaway server)"
         )
         return True
-    reason = _unavailable()
+    reason = unavailable()
     if reason is not None:
         report.line(f"  skipped: {reason}")
         return True
     try:
-        with _scratch_database(dsn) as (bench_dsn, where):
+        with scratch_database(dsn) as (bench_dsn, where):
             report.line(f"  on {where}")
             samples = await _measure(bench_dsn, sizes)
     except Exception as exc:

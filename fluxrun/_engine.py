@@ -261,6 +261,8 @@ class FluxEngine(RunControl):
             return
         self._closing = True
         await self._scheduler.stop()
+        # Runs claimed but not yet driven start, see the engine closing, and are released.
+        await self._scheduler.drain(timeout)
         await self._runtime.stop_driving(timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -52,6 +52,9 @@ class Scheduler:
         self.idle = False
         # The store's count of other processes' commits when last seen (None: it has none).
         self._seen: int | None = None
+        # Held from a claim until its runs are in ``inflight``: recover() never misses the
+        # runs of a pass of the loop that was claiming when it looked.
+        self._claiming = asyncio.Lock()
         runtime.on_idle = self.wake
         runtime.on_drive_end = self._drive_ended
 
@@ -92,6 +95,13 @@ class Scheduler:
                 await task
             except Exception as exc:  # the loop logs its errors; nothing more to do here
                 self._rt.emitter.log.debug(f"scheduler stopped with {exc!r}")
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the runs the loop claimed, including those it
+        claimed but had not started driving: at close they stop and are released."""
+        tasks = list(self.inflight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     async def _run(self) -> None:
         errors = 0
@@ -162,20 +172,23 @@ class Scheduler:
 
     async def claim_pass(self, limit: int | None = None) -> list[asyncio.Task[FluxResult | None]]:
         """Claim up to the free slots (or ``limit``) of due runs and start driving them."""
-        free = self.free() if limit is None else limit
-        names = self._rt.registry.names
-        if free <= 0 or not names or (self._stopping and limit is None):
-            return []
         rt = self._rt
-        rows = await rt.store.claim_due(rt.settings.owner, names, free, rt.settings.lease_seconds)
-        tasks = []
-        for row in rows:
-            task = asyncio.get_running_loop().create_task(
-                self._drive(row), name=f"fluxrun-run-{row.id}"
+        async with self._claiming:
+            free = self.free() if limit is None else limit
+            names = rt.registry.names
+            if free <= 0 or not names or (self._stopping and limit is None):
+                return []
+            rows = await rt.store.claim_due(
+                rt.settings.owner, names, free, rt.settings.lease_seconds
             )
-            self.inflight[row.id] = task
-            task.add_done_callback(functools.partial(self._done, row.id))
-            tasks.append(task)
+            tasks = []
+            for row in rows:
+                task = asyncio.get_running_loop().create_task(
+                    self._drive(row), name=f"fluxrun-run-{row.id}"
+                )
+                self.inflight[row.id] = task
+                task.add_done_callback(functools.partial(self._done, row.id))
+                tasks.append(task)
         return tasks
 
     def _done(self, run_id: str, task: asyncio.Task[Any]) -> None:

@@ -46,12 +46,21 @@ def test_quick_run_prints_every_section() -> None:
         "small data",
         "4. PostgreSQL store",
         "skipped: no DSN given",
+        "5. Timers",
+        "floor: 20 bare asyncio.sleep(1) tasks: p50 / p99",
+        "SQLite: p50 / p99",
+        "SQLite: earliest wake-up",
+        "6. Sleeping runs",
+        "memory store: RSS growth, all asleep",
+        "SQLite: tasks / threads / coroutines",
+        "7. Restart",
+        "SQLite: kill -9 to the first step",
         "Targets:",
     ):
         assert text in out, f"{text!r} missing from:\n{out}"
     # Every target row carries a verdict; which one depends on the machine, not on the code.
     targets = [line for line in out.splitlines() if "target ≤" in line or "target ≥" in line]
-    assert len(targets) == 3, out
+    assert len(targets) == 6, out
     assert all(line.endswith(("PASS", "MISS")) for line in targets), out
 
 
@@ -72,6 +81,20 @@ def test_postgres_section_with_dsn(fresh_pg_dsn: str) -> None:
     if "floor: raw autocommit INSERT" in out:
         assert "engine sequential" in out
         assert "in flight (asyncio.gather)" in out
+
+
+def test_scheduler_sections_on_postgres(fresh_pg_dsn: str) -> None:
+    out = run_benchmarks("--only", "timers", "restart", "--pg-dsn", fresh_pg_dsn)
+    assert "ERROR" not in out, out
+    for text in (
+        "5. Timers",
+        "PostgreSQL: p50 / p99",
+        "PostgreSQL: earliest wake-up",
+        "7. Restart",
+        "PostgreSQL: kill -9 to the first step",
+        "lease 1s",
+    ):
+        assert text in out, f"{text!r} missing from:\n{out}"
 
 
 @pytest.mark.slow
