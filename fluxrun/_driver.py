@@ -270,11 +270,7 @@ class DriverBase(RunMachine):
         """Commit one transition (see :meth:`RunMachine.transition`), fenced by this
         executor's claim."""
         if self.keeper.lost(self.id):
-            raise LeaseLostError(
-                f"run {self.id!r}: this executor's lease was taken over",
-                workflow_id=self.id,
-                workflow_name=self.definition.name,
-            )
+            raise self._lease_lost()
         if updated_at is None:
             # A step row's own end time doubles as the run's update time (one clock read).
             row = patch.get("insert_step")
@@ -284,6 +280,19 @@ class DriverBase(RunMachine):
             patch.setdefault("requested", None)
         t = self.transition(updated_at=updated_at, **patch)
         self.record(t, await self.store.apply(t))
+
+    def _lease_lost(self) -> LeaseLostError:
+        return LeaseLostError(
+            f"run {self.id!r}: this executor's lease was taken over",
+            workflow_id=self.id,
+            workflow_name=self.definition.name,
+        )
+
+    async def save_step(self, row: StepRow) -> None:
+        """Commit a step's outcome on the forward path (see :meth:`save`)."""
+        if self.keeper.lost(self.id):
+            raise self._lease_lost()
+        self.step_recorded(row, await self.store.apply(self.step_transition(row)))
 
     # -- attempts ----------------------------------------------------------------------------
 

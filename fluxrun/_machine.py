@@ -68,6 +68,11 @@ _SUSPENDED = StepStatus.SUSPENDED.value
 _COMPENSATED = StepStatus.COMPENSATED.value
 _COMPENSATING = StepStatus.COMPENSATING.value
 _RUNNING = WorkflowStatus.RUNNING.value
+_RUNNING_STATUS = WorkflowStatus.RUNNING
+
+
+def _epoch() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,6 +153,26 @@ class RunMachine:
             consume_signal=consume_signal,
             delete_steps_from=delete_steps_from,
         )
+
+    def step_transition(self, row: StepRow) -> Transition:
+        """The commit of a step's outcome on the forward path (the hot path: one per step,
+        so it names only what it changes); the run is ``running`` after it."""
+        return Transition(
+            run_id=self.id,
+            expected_version=self.version,
+            updated_at=row.completed_at or row.started_at or _epoch(),
+            fence=self.fence,
+            status=KEEP if self.status is _RUNNING_STATUS else _RUNNING,
+            current_step=self.current_step,
+            insert_step=row,
+        )
+
+    def step_recorded(self, row: StepRow, applied: Applied) -> None:
+        """Fold a committed :meth:`step_transition` into the machine's state."""
+        self.version = applied.version
+        self.status = _RUNNING_STATUS
+        self.rows[row.index] = row
+        self.history[row.index] = entry(row)
 
     def record(self, t: Transition, applied: Applied) -> None:
         """Fold a committed transition into the machine's state."""

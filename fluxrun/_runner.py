@@ -143,7 +143,7 @@ class RunDriver(RollbackDriver):
                     commit=step.commit,
                     status="skipped",
                 )
-                await self.save(status=WorkflowStatus.RUNNING, insert_step=row)
+                await self.save_step(row)
                 return None
         if emitter.has_hook("step_start"):
             await emitter.hook("step_start", step.name, self.context(index))
@@ -212,7 +212,7 @@ class RunDriver(RollbackDriver):
                 duration_ms=duration,
                 status=_COMPLETED,
             )
-        await self.save(status=WorkflowStatus.RUNNING, insert_step=row)
+        await self.save_step(row)
         self.tracked.accept()
         return None
 
