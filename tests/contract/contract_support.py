@@ -7,10 +7,8 @@ unchanged against MemoryStorage, SQLiteStorage and PostgresStorage.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,17 +16,10 @@ from fluxrun._codec import decode
 from fluxrun.storage._base import RunRow, StepRow, Store
 from fluxrun.storage.memory import MemoryStorage
 from fluxrun.storage.sqlite import SQLiteStorage
+from fluxrun.testing._rows import LONG_LEASE, T0, at, make_run, make_step
 
-#: A fixed instant with a non-zero microsecond part: every backend must keep microseconds.
-T0 = dt.datetime(2024, 5, 17, 8, 30, 0, 123456, tzinfo=dt.UTC)
-
-#: Long enough that no lease taken by a test expires while the test runs.
-LONG_LEASE = 3600.0
-
-
-def at(seconds: float) -> dt.datetime:
-    """``T0`` plus ``seconds``."""
-    return T0 + dt.timedelta(seconds=seconds)
+# The row builders live in fluxrun.testing (the importable kit); the suite uses them here too.
+__all__ = ["LONG_LEASE", "T0", "Backend", "at", "make_run", "make_step", "open_store"]
 
 
 async def open_store(kind: str, location: str | None) -> Store:
@@ -87,51 +78,6 @@ def schema_of(kind: str, location: str | None) -> list[tuple[Any, ...]] | None:
             "WHERE tablename LIKE 'flux\\_%' ORDER BY tablename, indexname"
         ).fetchall()
     return [tuple(r) for r in (*tables, *columns, *indexes)]
-
-
-def make_run(
-    run_id: str,
-    *,
-    name: str = "wf",
-    status: str = "pending",
-    created: float = 0.0,
-    input: str = "{}",
-    step_names: Sequence[str] = ("a", "b", "c"),
-    version: int = 1,
-    fence: int = 1,
-    **fields: Any,
-) -> RunRow:
-    """A run row as the engine builds it before :meth:`Store.create`."""
-    return RunRow(
-        id=run_id,
-        name=name,
-        status=status,
-        input=input,
-        step_names=tuple(step_names),
-        current_step=fields.pop("current_step", 0),
-        created_at=at(created),
-        updated_at=fields.pop("updated_at", at(created)),
-        version=version,
-        fence=fence,
-        **fields,
-    )
-
-
-def make_step(index: int, *, fence: int = 1, **fields: Any) -> StepRow:
-    """A recorded step outcome with every timestamp filled in."""
-    base: dict[str, Any] = {
-        "name": f"s{index}",
-        "status": "completed",
-        "started_at": at(10 + index),
-        "completed_at": at(10.5 + index),
-        "duration_ms": 500.25,
-        "output": None,
-        "retries": 0,
-        "changes": '{"set":{},"del":[]}',
-        "fence": fence,
-    }
-    base.update(fields)
-    return StepRow(index=index, **base)
 
 
 @dataclass(frozen=True)

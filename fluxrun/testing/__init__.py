@@ -20,9 +20,9 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 
-from ._clock import Clock
-from .errors import InvalidArgumentError
-from .storage.memory import MemoryStorage
+from .._clock import Clock
+from ..errors import InvalidArgumentError
+from ..storage.memory import MemoryStorage
 
 __all__ = ["FakeClock", "MemoryStorage"]
 
