@@ -1,4 +1,5 @@
-"""The store contract for the scheduling verbs, as pytest tests for any :class:`Store`:
+"""The store contract, as pytest tests for any :class:`Store`: the core protocol
+(:mod:`fluxrun.testing.store_contract_core`, imported here) and the scheduling verbs:
 idempotent start, claim_due and its due rules, next_due, the signal inbox (FIFO, dedupe,
 consumed exactly once by a transition), cancel/pause requests, renew_leases reporting them,
 and counts. fluxrun runs it on MemoryStorage, SQLiteStorage and PostgresStorage.
@@ -45,28 +46,16 @@ from ..errors import (
 from ..storage._base import (
     FINISHED_STATUSES,
     Claim,
-    RunRow,
     SignalRef,
     SignalSent,
     Started,
     Store,
-    Transition,
 )
-from ._rows import LONG_LEASE, at, make_run, make_step
+from ._rows import LONG_LEASE, at, make_run, make_step, must_load, t
+from .store_contract_core import *  # noqa: F403  (one import gives a user every test)
 
 PAST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 FUTURE = dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
-
-
-def t(run_id: str, version: int, **fields: object) -> Transition:
-    fields.setdefault("updated_at", at(100 + version))
-    return Transition(run_id=run_id, expected_version=version, **fields)  # type: ignore[arg-type]
-
-
-async def must_load(store: Store, run_id: str) -> RunRow:
-    row = await store.load(run_id)
-    assert row is not None, run_id
-    return row
 
 
 async def claimed_ids(store: Store, names: list[str] | None = None, limit: int = 100) -> list[str]:

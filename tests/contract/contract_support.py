@@ -7,19 +7,40 @@ unchanged against MemoryStorage, SQLiteStorage and PostgresStorage.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any
 
 from fluxrun._codec import decode
-from fluxrun.storage._base import RunRow, StepRow, Store
+from fluxrun.storage._base import RunRow, Store
 from fluxrun.storage.memory import MemoryStorage
 from fluxrun.storage.sqlite import SQLiteStorage
-from fluxrun.testing._rows import LONG_LEASE, T0, at, make_run, make_step
+from fluxrun.testing._rows import (
+    LONG_LEASE,
+    T0,
+    at,
+    canonical_json,
+    canonical_text,
+    make_run,
+    make_step,
+    norm,
+    typed,
+)
 
 # The row builders live in fluxrun.testing (the importable kit); the suite uses them here too.
-__all__ = ["LONG_LEASE", "T0", "Backend", "at", "make_run", "make_step", "open_store"]
+__all__ = [
+    "LONG_LEASE",
+    "T0",
+    "Backend",
+    "at",
+    "canonical_json",
+    "canonical_text",
+    "make_run",
+    "make_step",
+    "norm",
+    "open_store",
+    "typed",
+]
 
 
 async def open_store(kind: str, location: str | None) -> Store:
@@ -101,29 +122,6 @@ class Seen:
     has_lease: bool
 
 
-def norm(value: Any) -> Any:
-    """A run row, step row or tuple of step rows with its JSON text columns in canonical form.
-
-    A store hands JSON back as text holding the same value, not necessarily the same text:
-    PostgreSQL may keep JSON as ``jsonb``, which re-spaces it. :func:`canonical_json` keeps
-    everything about the value that the codec distinguishes (types, float bits, the sign of
-    zero) except the order of object keys, which ``test_values`` checks on its own.
-    """
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(norm(v) for v in value)
-    if isinstance(value, StepRow):
-        return replace(
-            value,
-            output=canonical_json(value.output),
-            changes=canonical_json(value.changes),
-            compensation_changes=canonical_json(value.compensation_changes),
-        )
-    assert isinstance(value, RunRow)
-    return replace(value, input=canonical_text(value.input), steps=norm(value.steps))
-
-
 def seen(row: RunRow | None) -> Seen | None:
     """``row`` as :func:`norm` gives it, and with only whether a lease is set.
 
@@ -133,34 +131,6 @@ def seen(row: RunRow | None) -> Seen | None:
     if row is None:
         return None
     return Seen(row=replace(norm(row), lease_until=None), has_lease=row.lease_until is not None)
-
-
-def canonical_json(text: str | None) -> str | None:
-    """:func:`canonical_text`, passing None through."""
-    return None if text is None else canonical_text(text)
-
-
-def canonical_text(text: str) -> str:
-    """A text equal for two JSON texts exactly when they hold the same value (keys sorted)."""
-    return repr(typed(json.loads(text), sort_keys=True))
-
-
-def typed(value: Any, *, sort_keys: bool = False) -> Any:
-    """``value`` with every leaf tagged by its type, so that ``1``, ``1.0`` and ``True`` stop
-    being equal and ``-0.0`` differs from ``0.0``; object keys keep their order unless
-    ``sort_keys``."""
-    if isinstance(value, dict):
-        items = [(k, typed(v, sort_keys=sort_keys)) for k, v in value.items()]
-        if sort_keys:
-            items.sort(key=lambda kv: kv[0])
-        return ("dict", tuple(items))
-    if isinstance(value, list):
-        return ("list", tuple(typed(v, sort_keys=sort_keys) for v in value))
-    if isinstance(value, tuple):
-        return ("tuple", tuple(typed(v, sort_keys=sort_keys) for v in value))
-    if isinstance(value, float):
-        return ("float", repr(value))
-    return (type(value).__name__, value)
 
 
 def same_value(a: Any, b: Any) -> bool:

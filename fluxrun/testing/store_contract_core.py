@@ -1,5 +1,7 @@
-"""The store protocol, checked the same way on every backend: create / load / list / delete,
-compare-and-set, fencing and leases, recovery candidates, and step rows recorded once.
+"""The store contract for the core protocol, as pytest tests for any :class:`Store`:
+create / load / list / delete, compare-and-set, fencing and leases, recovery candidates, and
+step rows recorded once. Imported with the scheduling verbs' tests by
+:mod:`fluxrun.testing.store_contract` (see there how to run it on a store of your own).
 
 Each test calls the store directly with rows and transitions built by hand, and checks both
 what a call returns and that a refused call changed nothing.
@@ -12,27 +14,15 @@ import datetime as dt
 import time
 
 import pytest
-from contract_support import LONG_LEASE, T0, at, make_run, make_step, norm
 
-from fluxrun import WorkflowStatus
-from fluxrun.errors import ConcurrentModificationError, LeaseLostError, RunBusyError
-from fluxrun.storage._base import Applied, Claim, ListQuery, RunRow, Store, Transition
+from .._records import WorkflowStatus
+from ..errors import ConcurrentModificationError, LeaseLostError, RunBusyError
+from ..storage._base import Applied, Claim, ListQuery, RunRow, Store
+from ._rows import LONG_LEASE, T0, at, make_run, make_step, must_load, norm, t
 
 S = WorkflowStatus
 #: A lease short enough to let expire in a test.
 SHORT_LEASE = 0.2
-
-
-def t(run_id: str, version: int, **fields: object) -> Transition:
-    """A transition stamped with a fixed time after ``T0``."""
-    fields.setdefault("updated_at", at(100 + version))
-    return Transition(run_id=run_id, expected_version=version, **fields)  # type: ignore[arg-type]
-
-
-async def must_load(store: Store, run_id: str) -> RunRow:
-    row = await store.load(run_id)
-    assert row is not None, run_id
-    return row
 
 
 def ids(rows: list[RunRow]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The scheduling verbs of the store protocol on every backend: the importable contract
+"""The store protocol on every backend: the importable contract
 (``fluxrun.testing.store_contract``), run here the way a user runs it on a store of theirs."""
 
 from __future__ import annotations
