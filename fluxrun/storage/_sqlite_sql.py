@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import ConcurrentModificationError
 from ._base import (
     FINISHED_STATUSES,
-    KEEP,
     Applied,
     RunRow,
     SignalRow,
@@ -40,6 +39,7 @@ from ._rows import (
 )
 from ._sched import finished_error, not_found_error, unconsumable_error
 from ._sqlite_lease import CLAIM_LEASE, MAX_MICROS, RELEASE_LEASE, RENEW_LEASE, LeaseClock
+from ._sqlplan import patch_sets
 
 __all__ = [
     "INSERT_ATTEMPT",
@@ -123,14 +123,6 @@ _CLAIM = (
 )
 
 
-_CLEAR_REQUEST = "requested = NULL, request_reason = NULL"
-# Both CASEs read the row's old value (SQL evaluates every SET against the old row).
-_CLEAR_PAUSE = (
-    "requested = CASE WHEN requested = 'pause' THEN NULL ELSE requested END, "
-    "request_reason = CASE WHEN requested = 'pause' THEN NULL ELSE request_reason END"
-)
-
-
 def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
     """Apply one transition in one ``BEGIN IMMEDIATE`` transaction (see :class:`Transition`)."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
@@ -163,21 +155,9 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
     if t.release:
         # The rightmost assignment of a column wins: this undoes a claim of the same write.
         sets += ["owner = NULL", RELEASE_LEASE, "claims = 0"]
-    elif t.claim is None and (t.insert_step is not None or t.update_step is not None):
-        sets.append("claims = 1")  # progress: only the current claim counts now
-    for column in ("status", "current_step", "error", "wait_name", "wait_kind", "attempt"):
-        value = getattr(t, column)
-        if value is not KEEP:
-            sets.append(f"{column} = ?")
-            params.append(value)
-    if t.completed_at is not KEEP:
-        sets.append("completed_at = ?")
-        params.append(to_micros(t.completed_at))  # type: ignore[arg-type]
-    if t.run_after is not KEEP:
-        sets.append("run_after = ?")
-        params.append(to_micros(t.run_after))  # type: ignore[arg-type]
-    if t.requested is not KEEP:
-        sets.append(_CLEAR_REQUEST if t.requested is None else _CLEAR_PAUSE)
+    patched, patch_params = patch_sets(t, "?", to_micros)
+    sets += patched
+    params += patch_params
     update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
     row: tuple[int, int] | None
     if t.fence is not None and t.claim is None:

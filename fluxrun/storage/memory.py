@@ -40,23 +40,13 @@ from ._limits import (
     usable_fences,
 )
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
+from ._sqlplan import PATCHED
 
 __all__ = ["MemoryStorage"]
 
 _UTC = dt.UTC
 #: Run columns a transition may set (``KEEP`` leaves them), in the order the SQL stores do.
 _NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)  # stands in for "now" where none is read
-
-_PATCHED = (
-    "status",
-    "current_step",
-    "error",
-    "completed_at",
-    "wait_name",
-    "run_after",
-    "wait_kind",
-    "attempt",
-)
 
 
 class _Run:
@@ -275,7 +265,7 @@ class MemoryStorage(Store):
                 signals[signal.seq - 1] = dataclasses.replace(
                     signals[signal.seq - 1], consumed_by_step=signal.step, consumed_at=t.updated_at
                 )
-            for name in _PATCHED:
+            for name in PATCHED:
                 value = getattr(t, name)
                 if value is not KEEP:
                     changes[name] = value

@@ -21,7 +21,6 @@ from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVe
 from ..errors import StorageError as _StorageError
 from . import _pg_sched as _q
 from ._base import (
-    KEEP,
     RECOVERABLE_STATUSES,
     Applied,
     AttemptRow,
@@ -74,6 +73,7 @@ from ._pg import (
 )
 from ._pg_connect import LeaseRenewer, PgPool, transaction
 from ._sched import check_signal, unconsumable_error
+from ._sqlplan import patch_sets
 
 if TYPE_CHECKING:
     import psycopg
@@ -81,17 +81,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresStorage"]
 
+
 #: Run columns a transition may set (``KEEP`` leaves them).
-_PATCHED = (
-    "status",
-    "current_step",
-    "error",
-    "completed_at",
-    "wait_name",
-    "run_after",
-    "wait_kind",
-    "attempt",
-)
+def _same(value: dt.datetime | None) -> dt.datetime | None:
+    return value  # psycopg passes datetimes as timestamptz
+
 
 #: Key of the transaction-level advisory lock that serialises schema migrations
 #: (the bytes of "fluxrun" as a number; advisory locks are per database).
@@ -246,23 +240,9 @@ class PostgresStorage(Store):
         elif t.renew_lease is not None:
             sets.append("lease_until = " + NEW_LEASE)
             params.append(clamp_lease(t.renew_lease))
-        progress = t.insert_step is not None or t.update_step is not None
-        if progress and t.claim is None and not t.release:
-            sets.append("claims = 1")  # progress: only the current claim counts now
-        for column in _PATCHED:
-            value = getattr(t, column)
-            if value is not KEEP:
-                sets.append(column + " = %s")
-                params.append(value)
-        if t.requested is not KEEP:
-            if t.requested is None:
-                sets += ["requested = NULL", "request_reason = NULL"]
-            else:  # clear a pause only; both CASEs read the old row
-                sets += [
-                    "requested = CASE WHEN requested = 'pause' THEN NULL ELSE requested END",
-                    "request_reason = CASE WHEN requested = 'pause' THEN NULL "
-                    "ELSE request_reason END",
-                ]
+        patched, patch_params = patch_sets(t, "%s", _same)
+        sets += patched
+        params += patch_params
         owned = "fence = %s" if t.fence is not None else UNOWNED
         where = "id = %s AND version = %s AND " + owned
         params += [t.run_id, t.expected_version]

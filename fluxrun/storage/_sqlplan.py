@@ -1,0 +1,59 @@
+"""The part of a transition's ``UPDATE flux_runs`` that is the same in both SQL dialects:
+the ``claims`` rule and the patched columns. Written once here so that SQLite and
+PostgreSQL cannot drift apart; each store adds its own lease clauses (SQLite judges leases
+by the boot clock, PostgreSQL by the database's) and its own ``WHERE``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+from ._base import KEEP, Transition
+
+__all__ = ["PATCHED", "patch_sets"]
+
+PATCHED = (
+    "status",
+    "current_step",
+    "error",
+    "completed_at",
+    "wait_name",
+    "run_after",
+    "wait_kind",
+    "attempt",
+)
+"""The run columns a transition sets when they are not ``KEEP``, in this order."""
+
+_TIMES = frozenset({"completed_at", "run_after"})
+
+_CLEAR_REQUEST = ["requested = NULL", "request_reason = NULL"]
+# Both CASEs read the row's old value (SQL evaluates every SET against the old row).
+_CLEAR_PAUSE = [
+    "requested = CASE WHEN requested = 'pause' THEN NULL ELSE requested END",
+    "request_reason = CASE WHEN requested = 'pause' THEN NULL ELSE request_reason END",
+]
+
+
+def patch_sets(
+    t: Transition, placeholder: str, time_value: Callable[[dt.datetime | None], Any]
+) -> tuple[list[str], list[Any]]:
+    """The SET clauses and their parameters for everything but the version, the update
+    time and the lease: ``claims = 1`` when the write records progress (a step outcome
+    without a claim or a release: only the current claim counts now), each patched column,
+    and the clearing of a request. ``time_value`` turns a datetime into the dialect's
+    parameter."""
+    sets: list[str] = []
+    params: list[Any] = []
+    progress = t.insert_step is not None or t.update_step is not None
+    if progress and t.claim is None and not t.release:
+        sets.append("claims = 1")
+    for column in PATCHED:
+        value = getattr(t, column)
+        if value is not KEEP:
+            sets.append(f"{column} = {placeholder}")
+            params.append(time_value(value) if column in _TIMES else value)
+    if t.requested is not KEEP:
+        sets += _CLEAR_REQUEST if t.requested is None else _CLEAR_PAUSE
+    return sets, params
