@@ -27,11 +27,10 @@ from .errors import (
     DefinitionError,
     IdempotencyConflictError,
     InvalidArgumentError,
-    InvalidStateError,
     WorkflowNameMismatchError,
     WorkflowNotFoundError,
 )
-from .storage._base import FINISHED_STATUSES, RunRow, Store
+from .storage._base import RunRow, Store
 
 __all__ = [
     "NewRun",
@@ -357,11 +356,3 @@ class RunControl:
             if row is None:
                 raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
             return await self._runtime.unpause(row)
-
-
-def check_unfinished(row: RunRow) -> None:
-    """Refuse an action on a finished run."""
-    if row.status in FINISHED_STATUSES:
-        raise InvalidStateError(
-            f"run {row.id!r} is {row.status}", workflow_id=row.id, workflow_name=row.name
-        )

@@ -409,6 +409,10 @@ class DriverBase(RunMachine):
         await self._retry(index, step, failed, retries, compensating)
         if handle is not None and handle.thread is not None:
             await self._await_thread(handle, step, failed.attempts, failed.started)
+        if self.request == "cancel" and not compensating:
+            # Asked while the attempt was finishing (no task to interrupt then): the
+            # backoff and the attempts after it never start.
+            raise Interrupted()
         if delay > 0:
             self._interruptible = not compensating
             try:

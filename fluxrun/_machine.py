@@ -193,11 +193,6 @@ class RunMachine:
                 return index
         return None
 
-    def committed_already(self, index: int) -> bool:
-        """Whether step ``index`` is a commit step that completed (it never runs again)."""
-        row = self.rows.get(index)
-        return row is not None and self.definition.steps[index].commit and row.status == _COMPLETED
-
 
 # -- what a claimed run needs -------------------------------------------------------------------
 
@@ -346,7 +341,7 @@ def _decide_waiting(row: RunRow, signal: SignalRow | None, timer_due: bool) -> D
     return Rest()
 
 
-def wake_transition(row: RunRow, applied: Applied, index: int, now: dt.datetime) -> StepRow:
+def woken_step(row: RunRow, applied: Applied, index: int, now: dt.datetime) -> StepRow:
     """The sleeping step ``index`` of a claimed run, completed at ``now``."""
     waiting = next(r for r in row.steps if r.index == index)
     return replace(waiting, status=_COMPLETED, completed_at=now, fence=applied.fence)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._codec import decode
 from ._definition import WorkflowDefinition
-from ._driver import Failed, Released, utcnow
+from ._driver import Failed, Interrupted, Released, utcnow
 from ._lease import LeaseKeeper
 from ._machine import (
     Cancel,
@@ -36,9 +36,9 @@ from ._machine import (
     deliver_step,
     rollback_data,
     signal_ref,
-    wake_transition,
+    woken_step,
 )
-from ._records import TERMINAL_STATUSES, FluxResult, WorkflowStatus
+from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, WorkflowStatus
 from ._registry import Registry
 from ._runner import RunDriver, Settings
 from ._state import history, replay_data
@@ -473,7 +473,7 @@ async def _go(driver: RunDriver, decision: Decision, row: RunRow) -> FluxResult:
     if isinstance(decision, GiveUp):
         return await driver.give_up(decision.message)
     if isinstance(decision, WakeSleep):
-        done = wake_transition(row, Applied(driver.version, driver.fence), decision.index, now)
+        done = woken_step(row, Applied(driver.version, driver.fence), decision.index, now)
         await driver.save(
             updated_at=now,
             status=WorkflowStatus.RUNNING,
@@ -528,12 +528,14 @@ async def _timed_out(driver: RunDriver, decision: TimedOut, row: RunRow) -> Flux
         wait_kind=None,
         run_after=None,
     )
-    driver.history[index] = driver.history[index].__class__(name=step.name)
+    driver.history[index] = StepExecution(name=step.name)  # not reached again yet
     driver.current_step = index
     try:
         first = await driver.retry_after(index, step, failed)
     except Released:
         return driver.result()
+    except Interrupted:
+        return await driver.on_request()
     if first is None:
         return await driver.fail(index, step, failed, t0)
     return await driver.forward(index, first)
