@@ -117,6 +117,10 @@ class TrackedData:
             apply_changes(self.data, changes)
             self._remember_all()
 
+    def saved(self) -> dict[str, str]:
+        """The last saved data, encoded per key (read-only: it is the tracker's own)."""
+        return self._enc
+
     def committed(self) -> dict[str, Any]:
         """A private copy of the last saved data."""
         return {k: decode(v) for k, v in self._enc.items()}

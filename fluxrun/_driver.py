@@ -33,7 +33,7 @@ from .errors import (
     SerializationError,
     StepTimeoutError,
 )
-from .storage._base import Applied, AttemptRow, RunRow, StepRow, Store
+from .storage._base import KEEP, Applied, AttemptRow, RunRow, StepRow, Store
 
 if TYPE_CHECKING:
     from ._lease import LeaseKeeper
@@ -147,6 +147,7 @@ class DriverBase(RunMachine):
         data: dict[str, Any],
         signals: dict[str, Any],
         started: float,
+        steps_from: int = 0,
     ) -> None:
         super().__init__(
             definition=definition,
@@ -155,6 +156,7 @@ class DriverBase(RunMachine):
             fence=fence,
             status=status,
             rows=rows,
+            steps_from=steps_from,
         )
         self.store = store
         self.emitter = emitter
@@ -191,15 +193,18 @@ class DriverBase(RunMachine):
         input_plain: Any,
         data: dict[str, Any],
         rows: dict[int, StepRow] | None = None,
+        signals: dict[str, Any] | None = None,
         **kw: Any,
     ) -> Self:
-        """A driver for a stored run this executor has just claimed."""
+        """A driver for a stored run this executor has just claimed (``row`` as
+        :meth:`Store.load_tail` gave it: ``signals`` are those of its snapshot)."""
         rows = {r.index: r for r in row.steps} if rows is None else rows
-        signals = {
-            r.waiting_for: decode(r.output) if r.output is not None else None
+        signals = {} if signals is None else signals
+        signals.update(
+            (r.waiting_for, decode(r.output) if r.output is not None else None)
             for r in sorted(rows.values(), key=lambda r: r.index)
             if r.waiting_for is not None and r.status != StepStatus.SUSPENDED.value
-        }
+        )
         return cls(
             definition=definition,
             run_id=row.id,
@@ -213,6 +218,7 @@ class DriverBase(RunMachine):
             data=data,
             signals=signals,
             started=time.perf_counter(),
+            steps_from=row.steps_from,
             **kw,
         )
 
@@ -227,7 +233,17 @@ class DriverBase(RunMachine):
         return f"{self.definition.name}/{self.id}"
 
     def _snapshot_history(self) -> tuple[StepExecution, ...]:
+        if self.steps_from:
+            # A step reads ctx.history of a run continued from its snapshot: read the rows
+            # before it now, once (on the event loop for an async step: one short query).
+            self.merge_prefix(self.store.read_steps_blocking(self.id, self.steps_from))
         return tuple(self.history)
+
+    async def load_prefix(self) -> None:
+        """Read the step rows this driver left out (a rollback needs them all, and so does a
+        result someone waits for)."""
+        if self.steps_from:
+            self.merge_prefix(await self.store.load_steps(self.id, self.steps_from))
 
     def _step_input(self) -> Any:
         if self._input_shared:
@@ -278,6 +294,10 @@ class DriverBase(RunMachine):
         if patch.get("status") in TERMINAL_STATUSES:
             # A cancel or pause asked too late must not stop a later resume of this run.
             patch.setdefault("requested", None)
+        if patch.get("release"):
+            snapshot = self.snapshot(patch.get("status", KEEP), self.tracked.saved(), self.signals)
+            if snapshot is not None:
+                patch["snapshot"] = snapshot
         t = self.transition(updated_at=updated_at, **patch)
         self.record(t, await self.store.apply(t))
 

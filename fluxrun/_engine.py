@@ -374,8 +374,11 @@ class FluxEngine(RunControl):
             later = await self._runtime.wait_result(run_id, None)
             return dataclasses.replace(later, duration_ms=(time.perf_counter() - started) * 1000.0)
 
-    async def _load_for(self, definition: WorkflowDefinition, run_id: str) -> RunRow | None:
-        row = await self._store.load(run_id)
+    async def _load_for(
+        self, definition: WorkflowDefinition, run_id: str, *, tail: bool = False
+    ) -> RunRow | None:
+        # tail: the run as a continuation needs it (Store.load_tail), not its whole history.
+        row = await (self._store.load_tail(run_id) if tail else self._store.load(run_id))
         if row is None:
             return None
         if row.name != definition.name:
@@ -413,7 +416,7 @@ class FluxEngine(RunControl):
         name = text_arg(name, "signal name")
         await self._ensure_ready()
         with naming(run_id, definition.name):
-            row = await self._load_for(definition, run_id)
+            row = await self._load_for(definition, run_id, tail=True)
             if row is None:
                 raise WorkflowNotFoundError(
                     f"Workflow not found: {run_id}",

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ._definition import WorkflowDefinition
 from ._records import StepExecution, StepStatus, WorkflowStatus
-from ._state import apply_changes, entry, replay_data
+from ._state import apply_changes, entry, replay_data, snapshot_text
 from .errors import (
     CommittedStepError,
     InvalidStepIndexError,
@@ -37,6 +37,7 @@ from .storage._base import (
     RunRow,
     SignalRef,
     SignalRow,
+    Snapshot,
     StepRow,
     Transition,
 )
@@ -69,6 +70,7 @@ _COMPENSATED = StepStatus.COMPENSATED.value
 _COMPENSATING = StepStatus.COMPENSATING.value
 _RUNNING = WorkflowStatus.RUNNING.value
 _RUNNING_STATUS = WorkflowStatus.RUNNING
+_WAITING = (WorkflowStatus.SUSPENDED, WorkflowStatus.PAUSED)
 
 
 def _epoch() -> dt.datetime:
@@ -93,6 +95,7 @@ class RunMachine:
         fence: int,
         status: WorkflowStatus,
         rows: dict[int, StepRow],
+        steps_from: int = 0,
     ) -> None:
         self.definition = definition
         self.id = run_id
@@ -102,9 +105,33 @@ class RunMachine:
         self.rows = rows
         self.current_step = 0
         self.names = definition.step_names
+        # The rows (and so the history entries) before this index are not loaded yet: the
+        # run was continued from its snapshot (see merge_prefix).
+        self.steps_from = steps_from
+        # ctx.data as last saved is the replay of the rows before this index (-1: not known
+        # to be, e.g. after a signal's delivery): only then is a snapshot of it written.
+        self.data_at = 0
         self.history: list[StepExecution] = [
             entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
         ]
+
+    def merge_prefix(self, rows: Iterable[StepRow]) -> None:
+        """Fold in the rows before ``steps_from``, now that something needs them."""
+        for row in rows:
+            if row.index < self.steps_from and row.index not in self.rows:
+                self.rows[row.index] = row
+                self.history[row.index] = entry(row)
+        self.steps_from = 0
+
+    def snapshot(
+        self, status: WorkflowStatus | Keep, saved: dict[str, str], signals: Any
+    ) -> Snapshot | None:
+        """The snapshot a transition to ``status`` that lets the run go writes: only for a
+        run that stops to wait, and only when the saved data is exactly that of the rows
+        before the current step (what a snapshot at that step means)."""
+        if status not in _WAITING or self.data_at != self.current_step:
+            return None
+        return Snapshot(text=snapshot_text(saved, signals), at=self.current_step)
 
     def transition(
         self,
@@ -123,6 +150,7 @@ class RunMachine:
         requested: Keep | Literal["pause"] | None = KEEP,
         consume_signal: SignalRef | None = None,
         delete_steps_from: int | None = None,
+        snapshot: Snapshot | None = None,
         updated_at: dt.datetime,
     ) -> Transition:
         """One fenced write of this run as the machine last saw it."""
@@ -152,6 +180,7 @@ class RunMachine:
             requested=requested,
             consume_signal=consume_signal,
             delete_steps_from=delete_steps_from,
+            snapshot=snapshot,
         )
 
     def step_transition(self, row: StepRow) -> Transition:
@@ -173,6 +202,7 @@ class RunMachine:
         self.status = _RUNNING_STATUS
         self.rows[row.index] = row
         self.history[row.index] = entry(row)
+        self.data_at = row.index + 1
 
     def record(self, t: Transition, applied: Applied) -> None:
         """Fold a committed transition into the machine's state."""
@@ -183,6 +213,10 @@ class RunMachine:
             if row is not None:
                 self.rows[row.index] = row
                 self.history[row.index] = entry(row)
+        if t.insert_step is not None:
+            self.data_at = t.insert_step.index + 1
+        elif t.update_step is not None and t.update_step.status == _COMPLETED:
+            self.data_at = t.update_step.index + 1  # a sleep or wait completed
 
     def pivot(self, before: int) -> int | None:
         """The last completed commit step before index ``before``, if any (rule 11)."""
@@ -273,10 +307,9 @@ Decision = (
 )
 
 
-def first_unrecorded(rows: Iterable[int]) -> int:
-    """The first step index without a recorded row."""
+def first_unrecorded(rows: Iterable[int], start: int = 0) -> int:
+    """The first step index from ``start`` on without a recorded row."""
     recorded = set(rows)
-    start = 0
     while start in recorded:
         start += 1
     return start
@@ -317,7 +350,7 @@ def decide(
     if status == WorkflowStatus.SUSPENDED.value:
         return _decide_waiting(row, signal, timer_due)
     if status in (_RUNNING, WorkflowStatus.PENDING.value):
-        start = first_unrecorded(r.index for r in row.steps)
+        start = first_unrecorded((r.index for r in row.steps), row.steps_from)
         attempt = row.attempt + 1 if row.attempt and row.current_step == start else 1
         return Forward(start, attempt)
     return Rest()

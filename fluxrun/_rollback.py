@@ -75,6 +75,7 @@ class RollbackDriver(DriverBase):
     ) -> FluxResult:
         """Compensate the completed steps before ``failed_index`` back to the pivot, then end
         (``ending``: the status a cancel ends in, whatever was compensated)."""
+        await self.load_prefix()  # every completed step is looked at, back to the first
         await self.event(
             "workflow:rollback_start", status=WorkflowStatus.ROLLING_BACK.value, error=message
         )

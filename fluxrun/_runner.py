@@ -59,6 +59,7 @@ class RunDriver(RollbackDriver):
             row = self.rows.get(index)
             if row is not None and step.commit and row.status == _COMPLETED:
                 self.tracked.apply_recorded(row.changes)
+                self.data_at = index + 1
                 await self.event(
                     "step:skipped",
                     step_name=step.name,

@@ -41,7 +41,7 @@ from ._machine import (
 from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, WorkflowStatus
 from ._registry import Registry
 from ._runner import RunDriver, Settings
-from ._state import history, replay_data
+from ._state import history, read_snapshot, replay_data
 from ._trace import Emitter
 from .errors import (
     ConcurrentModificationError,
@@ -151,9 +151,16 @@ class Runtime:
         )
 
     async def drive(
-        self, driver: RunDriver, go: Callable[[RunDriver], Awaitable[FluxResult]]
+        self,
+        driver: RunDriver,
+        go: Callable[[RunDriver], Awaitable[FluxResult]],
+        *,
+        want_result: bool = True,
     ) -> FluxResult:
-        """Drive a claimed run; on any way out but a saved end, release it at once."""
+        """Drive a claimed run; on any way out but a saved end, release it at once.
+
+        ``want_result``: the caller hands the result on (else only result() waiters see it,
+        if any): a run continued from its snapshot then reads its earlier history for it."""
         self.keeper.hold(driver.id, driver.fence)
         ended = asyncio.Event()
         self._ended[driver.id] = ended
@@ -171,6 +178,9 @@ class Runtime:
             self._ended.pop(driver.id, None)
             ended.set()
             self.on_drive_end(driver.wait_kind in _TIMED)
+        if driver.steps_from and (want_result or driver.id in self._watchers):
+            await driver.load_prefix()
+            result = dataclasses.replace(result, history=tuple(driver.history))
         if driver.status not in TERMINAL_STATUSES:
             # Its wake-up (a timer, a signal, an unpause) comes through the scheduler, which
             # drives registered workflows only: a run started from a builder is adopted.
@@ -243,7 +253,7 @@ class Runtime:
         for its result instead. ``row``: the run as the caller just loaded it (its claim is
         made against that version, so it is not read again)."""
         if row is None:
-            row = await self.store.load(run_id)
+            row = await self.store.load_tail(run_id)
         if row is None:
             raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
         if definition is None and row.name in self.registry:
@@ -272,7 +282,12 @@ class Runtime:
                     claims=row.claims + 1,
                 )
                 outcome = await self.continue_claimed(
-                    run_id, definition, applied.fence, timer_due=timer_due, claimed=claimed
+                    run_id,
+                    definition,
+                    applied.fence,
+                    timer_due=timer_due,
+                    claimed=claimed,
+                    want_result=True,
                 )
                 if outcome is not None and is_final(outcome):
                     return outcome
@@ -310,12 +325,16 @@ class Runtime:
         *,
         timer_due: bool,
         claimed: RunRow | None = None,
+        want_result: bool = False,
     ) -> FluxResult | None:
         """Do what a run this engine has just claimed (under ``fence``) needs (see
-        :func:`decide`); ``claimed`` is the run with its steps if the caller has it. Returns
-        the outcome of driving it, or None when it was only put back."""
+        :func:`decide`); ``claimed`` is the run as :meth:`Store.load_tail` gives it, if the
+        caller has it. Returns the outcome of driving it, or None when it was only put back.
+
+        The run is read from its snapshot on: a continuation costs what it needs, not what
+        the run did before (a rollback reads the rest)."""
         started = time.perf_counter()
-        row = claimed if claimed is not None else await self.store.load(run_id)
+        row = claimed if claimed is not None else await self.store.load_tail(run_id)
         if row is None or row.fence != fence or row.owner != self.settings.owner:
             return None  # deleted, or claimed by someone else meanwhile
         applied = Applied(version=row.version, fence=row.fence)
@@ -328,11 +347,25 @@ class Runtime:
             signal=signal,
             timer_due=timer_due,
         )
+        if row.steps_from and isinstance(decision, Rollback | Cancel):
+            # Compensation looks at every completed step: read them all. (The claim holds,
+            # so the run is as it was a moment ago.)
+            full = await self.store.load(run_id)
+            if full is None or full.fence != fence:
+                return None
+            row = dataclasses.replace(full, claims=row.claims)
+            decision = decide(
+                row,
+                definition,
+                max_recoveries=self.max_recoveries,
+                signal=signal,
+                timer_due=timer_due,
+            )
         if row.status not in (_SUSPENDED, WorkflowStatus.PENDING.value) or row.claims > 1:
             self.emitter.log.warning(
                 f"recovering run {row.name}/{row.id} (status {row.status}, attempt {row.claims})"
             )
-        return await self.carry_out(definition, row, applied, decision, started)
+        return await self.carry_out(definition, row, applied, decision, started, want_result)
 
     async def carry_out(
         self,
@@ -341,25 +374,36 @@ class Runtime:
         applied: Applied,
         decision: Decision,
         started: float,
+        want_result: bool = False,
     ) -> FluxResult | None:
         """Drive a claimed run as ``decision`` says."""
         rows = {r.index: r for r in row.steps}
         if isinstance(decision, Rest | Park):
             await self._put_back(row, applied, decision)
             return None
+        base: dict[str, Any] = {}
+        signals: dict[str, Any] = {}
+        if row.snapshot is not None:
+            base, signals = read_snapshot(row.snapshot.text)
+        # The rows the snapshot already holds (the tail starts at its step) are not replayed.
+        after = [r for r in rows.values() if r.index >= row.steps_from]
+        data_at = -1  # the saved data is not known to be that of the rows before a step
         if isinstance(decision, Rollback | Cancel):
             failed = decision.failed if isinstance(decision, Rollback) else len(definition.steps)
             data = rollback_data(rows.values(), failed)
-        elif isinstance(decision, Forward):
-            data = replay_data(rows.values(), before=decision.start)
+        elif isinstance(decision, Forward | TimedOut):
+            # A timed-out wait's attempt failed: its changes are thrown away like any other.
+            data_at = decision.start if isinstance(decision, Forward) else decision.index
+            data = replay_data(after, before=data_at, onto=base)
         else:
-            data = replay_data(rows.values())
-        driver = self.driver_from(definition, row, applied, rows=rows, data=data)
+            data = replay_data(after, onto=base)
+        driver = self.driver_from(definition, row, applied, rows=rows, data=data, signals=signals)
         driver.started = started
         driver.current_step = row.current_step
+        driver.data_at = data_at
         if row.requested is not None:
             driver.request, driver.request_reason = row.requested, row.request_reason
-        return await self.drive(driver, lambda d: _go(d, decision, row))
+        return await self.drive(driver, lambda d: _go(d, decision, row), want_result=want_result)
 
     async def _put_back(self, row: RunRow, applied: Applied, decision: Rest | Park) -> None:
         now = utcnow()

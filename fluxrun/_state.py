@@ -8,12 +8,21 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ._codec import decode, object_text, revive
+from ._codec import decode, encode, object_text, revive
 from ._definition import InputSpec
 from ._records import StepExecution, StepStatus, WorkflowState, WorkflowStatus
 from .storage._base import RunRow, StepRow
 
-__all__ = ["apply_changes", "changes_text", "entry", "history", "replay_data", "to_state"]
+__all__ = [
+    "apply_changes",
+    "changes_text",
+    "entry",
+    "history",
+    "read_snapshot",
+    "replay_data",
+    "snapshot_text",
+    "to_state",
+]
 
 
 def entry(row: StepRow) -> StepExecution:
@@ -82,15 +91,18 @@ def apply_changes(data: dict[str, Any], changes: str | None) -> None:
         data.pop(key, None)
 
 
-def replay_data(rows: Iterable[StepRow], *, before: int | None = None) -> dict[str, Any]:
+def replay_data(
+    rows: Iterable[StepRow], *, before: int | None = None, onto: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``ctx.data`` rebuilt from step changes.
 
     With ``before``, the data as it was when step ``before`` started (forward changes of
     the rows before it). Without, the data now: every forward change in step order, then the
-    compensations' changes in the order they ran (reverse step order).
+    compensations' changes in the order they ran (reverse step order). ``onto``: the data
+    the rows start from (a snapshot's; changed in place), else empty.
     """
     ordered = sorted(rows, key=lambda r: r.index)
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {} if onto is None else onto
     for r in ordered:
         if before is not None and r.index >= before:
             break
@@ -99,6 +111,21 @@ def replay_data(rows: Iterable[StepRow], *, before: int | None = None) -> dict[s
         for r in reversed(ordered):
             apply_changes(data, r.compensation_changes)
     return data
+
+
+def snapshot_text(data: dict[str, str], signals: dict[str, Any]) -> str:
+    """A :class:`~fluxrun.storage.Snapshot`'s text: ``data`` already encoded per key (what
+    :class:`~fluxrun._data.TrackedData` keeps), ``signals`` as ``ctx.signals`` holds them."""
+    encoded = {
+        k: encode(v, what=f"ctx.signals[{k!r}]", max_size=1 << 62) for k, v in signals.items()
+    }
+    return '{"data":' + object_text(data) + ',"signals":' + object_text(encoded) + "}"
+
+
+def read_snapshot(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``ctx.data`` and ``ctx.signals`` from a snapshot's text."""
+    decoded = decode(text)
+    return decoded["data"], decoded["signals"]
 
 
 def revive_input(text: str, spec: InputSpec | None) -> Any:

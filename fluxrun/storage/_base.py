@@ -4,7 +4,9 @@ A run is one row (:class:`RunRow`) plus one row per step that has an outcome
 (:class:`StepRow`). Never-reached steps have no row; the engine shows them as ``pending``.
 ``ctx.data`` is not stored whole: each step row holds the changes the step made to it
 (``changes``), so a step costs in proportion to what it changed, and the data as it was
-before any step can be rebuilt by replaying the changes of the rows before it.
+before any step can be rebuilt by replaying the changes of the rows before it. A run that
+stops to wait keeps a :class:`Snapshot` of its data, so continuing it later reads only the
+step rows from its snapshot on (:meth:`Store.load_tail`), not its whole history.
 
 Every mutation after :meth:`Store.create` goes through :meth:`Store.apply`, one atomic,
 conditional write (a :class:`Transition`): it applies only if the run's ``version`` still
@@ -47,6 +49,7 @@ __all__ = [
     "SignalRef",
     "SignalRow",
     "SignalSent",
+    "Snapshot",
     "Started",
     "StepRow",
     "Store",
@@ -173,6 +176,20 @@ class RunRow:
     request_reason: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    snapshot: Snapshot | None = None
+    steps_from: int = 0
+    """Only :meth:`Store.load_tail` sets these: the run's snapshot, and the first index
+    whose row ``steps`` holds (the rows before it were left out; 0: all rows are there)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """``ctx.data`` and ``ctx.signals`` as they were when step ``at`` started: ``text`` is
+    the codec's JSON ``{"data": {...}, "signals": {...}}``. Written when a run stops to wait
+    (suspended, paused), so continuing it needs only the step rows from ``at`` on."""
+
+    text: str
+    at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +237,9 @@ class Transition:
     consumed (``consumed_by_step``, ``consumed_at = updated_at``) in the same transaction;
     if it does not exist or was consumed already the whole transition fails with
     ``ConcurrentModificationError``: a signal is consumed exactly once.
+
+    ``snapshot`` replaces the run's :class:`Snapshot`. Without one, a ``delete_steps_from``
+    below the stored snapshot's ``at`` clears it (the rows it stands for are gone).
     """
 
     run_id: str
@@ -244,6 +264,7 @@ class Transition:
     attempt: int | Keep = KEEP
     requested: Keep | Literal["pause"] | None = KEEP
     consume_signal: SignalRef | None = None
+    snapshot: Snapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +377,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def load(self, run_id: str) -> RunRow | None:
         """The run with its step rows, or None."""
+
+    async def load_tail(self, run_id: str) -> RunRow | None:
+        """The run as a continuation needs it, or None: with its :class:`Snapshot` and only
+        the step rows from ``snapshot.at`` on (``steps_from``), when it has a snapshot and its
+        cursor is not before it; otherwise as :meth:`load` (all rows, ``steps_from`` 0).
+
+        The default is :meth:`load`: a store that keeps no snapshots is always correct, it
+        only reads more. A store that overrides this must also implement
+        :meth:`load_steps` and :meth:`read_steps_blocking`.
+        """
+        return await self.load(run_id)
+
+    async def load_steps(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """The run's step rows with an index below ``before``, in index order."""
+        row = await self.load(run_id)
+        return () if row is None else tuple(r for r in row.steps if r.index < before)
+
+    def read_steps_blocking(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """:meth:`load_steps`, blocking the calling thread (which may be the event loop's):
+        ``ctx.history`` of a run continued from its tail is read this way, once, on first
+        use inside a step."""
+        raise NotImplementedError(
+            f"{type(self).__name__} overrides load_tail but not read_steps_blocking"
+        )
 
     @abc.abstractmethod
     async def list_runs(self, query: ListQuery) -> list[RunRow]:

@@ -335,6 +335,32 @@ class LeaseRenewer:
                         cutter.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def fetch(
+        self, settings: tuple[str, dict[str, Any]], query: str, params: Sequence[Any]
+    ) -> list[tuple[Any, ...]]:
+        """Run one read on this synchronous connection (a read that cannot await: see
+        :meth:`Store.read_steps_blocking`), bounded by the timeout like a renewal."""
+        import psycopg
+
+        with self._lock:
+            if self._closed:
+                raise _StorageError(f"{self._name} is closed")
+            cutter: _Cutter | None = None
+            try:
+                conn = self._connection(settings)
+                cutter = _Cutter(conn, self._timeout)
+                with conn.cursor() as cur:
+                    cur.execute(query, params)
+                    rows = cur.fetchall()
+                conn.commit()
+                return rows
+            except psycopg.Error as exc:
+                self._drop()
+                raise _StorageError(f"PostgreSQL read failed: {describe(exc)}") from exc
+            finally:
+                if cutter is not None:
+                    cutter.cancel()
+
     def _connection(self, settings: tuple[str, dict[str, Any]]) -> psycopg.Connection[Any]:
         import psycopg
         from psycopg.rows import tuple_row

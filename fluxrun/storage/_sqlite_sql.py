@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ConcurrentModificationError
@@ -21,6 +22,7 @@ from ._base import (
     RunRow,
     SignalRow,
     SignalSent,
+    Snapshot,
     Started,
     StepRow,
     Transition,
@@ -56,6 +58,7 @@ __all__ = [
     "from_micros",
     "insert_run",
     "list_signals",
+    "load_tail",
     "next_due",
     "request",
     "run_row",
@@ -63,6 +66,7 @@ __all__ = [
     "start",
     "step_row",
     "step_values",
+    "steps_before",
     "to_micros",
 ]
 
@@ -471,3 +475,37 @@ def counts(conn: sqlite3.Connection, name: str | None) -> dict[str, int]:
         (name, name),
     ).fetchall()
     return {r[0]: r[1] for r in rows}
+
+
+def load_tail(conn: sqlite3.Connection, run_id: str) -> RunRow | None:
+    """:meth:`Store.load_tail` in one read transaction."""
+    conn.execute("BEGIN")
+    try:
+        r = conn.execute(
+            "SELECT " + RUN_SELECT + ", snapshot, snapshot_at FROM flux_runs WHERE id = ?",
+            (run_id,),
+        ).fetchone()
+        if r is None:
+            return None
+        text, at = r[-2], r[-1]
+        current_step = r[6]
+        start = 0 if text is None or at is None or current_step < at else at
+        rows = conn.execute(
+            "SELECT " + STEP_SELECT + " FROM flux_steps WHERE run_id = ? AND idx >= ? ORDER BY idx",
+            (run_id, start),
+        ).fetchall()
+        row = run_row(r, tuple(step_row(s) for s in rows))
+        if start == 0:
+            return row
+        return replace(row, snapshot=Snapshot(text=text, at=at), steps_from=at)
+    finally:
+        conn.execute("COMMIT")
+
+
+def steps_before(conn: sqlite3.Connection, run_id: str, before: int) -> tuple[StepRow, ...]:
+    """A run's step rows below index ``before``, in index order."""
+    rows = conn.execute(
+        "SELECT " + STEP_SELECT + " FROM flux_steps WHERE run_id = ? AND idx < ? ORDER BY idx",
+        (run_id, before),
+    ).fetchall()
+    return tuple(step_row(s) for s in rows)

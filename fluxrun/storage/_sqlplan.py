@@ -42,8 +42,8 @@ def patch_sets(
     """The SET clauses and their parameters for everything but the version, the update
     time and the lease: ``claims = 1`` when the write records progress (a step outcome
     without a claim or a release: only the current claim counts now), each patched column,
-    and the clearing of a request. ``time_value`` turns a datetime into the dialect's
-    parameter."""
+    the clearing of a request, and the snapshot (set, or cleared by a deletion below it).
+    ``time_value`` turns a datetime into the dialect's parameter."""
     sets: list[str] = []
     params: list[Any] = []
     progress = t.insert_step is not None or t.update_step is not None
@@ -56,4 +56,14 @@ def patch_sets(
             params.append(time_value(value) if column in _TIMES else value)
     if t.requested is not KEEP:
         sets += _CLEAR_REQUEST if t.requested is None else _CLEAR_PAUSE
+    if t.snapshot is not None:
+        sets += [f"snapshot = {placeholder}", f"snapshot_at = {placeholder}"]
+        params += [t.snapshot.text, t.snapshot.at]
+    elif t.delete_steps_from is not None:
+        # The rows a snapshot stands for are being deleted: it no longer holds.
+        sets += [
+            f"snapshot = CASE WHEN snapshot_at > {placeholder} THEN NULL ELSE snapshot END",
+            f"snapshot_at = CASE WHEN snapshot_at > {placeholder} THEN NULL ELSE snapshot_at END",
+        ]
+        params += [t.delete_steps_from, t.delete_steps_from]
     return sets, params

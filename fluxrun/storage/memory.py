@@ -23,7 +23,9 @@ from ._base import (
     RunRow,
     SignalRow,
     SignalSent,
+    Snapshot,
     Started,
+    StepRow,
     Store,
     Transition,
     check_request_kind,
@@ -52,7 +54,16 @@ _NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)  # stands in for "now" where n
 class _Run:
     """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
 
-    __slots__ = ("_patch", "_row", "attempts", "input_hash", "seq", "signals", "steps")
+    __slots__ = (
+        "_patch",
+        "_row",
+        "attempts",
+        "input_hash",
+        "seq",
+        "signals",
+        "snapshot",
+        "steps",
+    )
 
     def __init__(self, row: RunRow, seq: int, input_hash: str | None = None) -> None:
         self._row = row
@@ -64,6 +75,7 @@ class _Run:
         self.attempts: list[AttemptRow] = []
         self.signals: list[SignalRow] = []  # seq n is at index n - 1
         self.input_hash = input_hash
+        self.snapshot: Snapshot | None = None
 
     @property
     def row(self) -> RunRow:
@@ -271,6 +283,14 @@ class MemoryStorage(Store):
                     changes[name] = value
             if t.requested is None or (t.requested == "pause" and col("requested") == "pause"):
                 changes.update(requested=None, request_reason=None)
+            if t.snapshot is not None:
+                entry.snapshot = t.snapshot
+            elif (
+                t.delete_steps_from is not None
+                and entry.snapshot is not None
+                and entry.snapshot.at > t.delete_steps_from
+            ):
+                entry.snapshot = None  # the rows it stands for are being deleted
             if t.delete_steps_from is not None:
                 for index in [i for i in steps if i >= t.delete_steps_from]:
                     if index not in t.keep_steps:
@@ -289,6 +309,31 @@ class MemoryStorage(Store):
         with self._lock:
             entry = self._runs.get(run_id)
             return None if entry is None else self._snapshot(entry)
+
+    async def load_tail(self, run_id: str) -> RunRow | None:
+        """The run with its snapshot and the step rows from it on (see
+        :meth:`Store.load_tail`)."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            if entry is None:
+                return None
+            snap = entry.snapshot
+            if snap is None or entry.col("current_step") < snap.at:
+                return self._snapshot(entry)
+            steps = tuple(entry.steps[i] for i in sorted(entry.steps) if i >= snap.at)
+            return _replace(entry.row, steps=steps, snapshot=snap, steps_from=snap.at)
+
+    async def load_steps(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """The run's step rows below index ``before``."""
+        return self.read_steps_blocking(run_id, before)
+
+    def read_steps_blocking(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """:meth:`load_steps`, here and now."""
+        with self._lock:
+            entry = self._runs.get(run_id)
+            if entry is None:
+                return ()
+            return tuple(entry.steps[i] for i in sorted(entry.steps) if i < before)  # type: ignore[misc]
 
     def _snapshot(self, entry: _Run) -> RunRow:
         steps = tuple(entry.steps[i] for i in sorted(entry.steps))

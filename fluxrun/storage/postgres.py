@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError
 from ..errors import StorageError as _StorageError
 from . import _pg_sched as _q
+from . import _pg_tail as _tail
 from ._base import (
     RECOVERABLE_STATUSES,
     Applied,
@@ -431,6 +432,27 @@ class PostgresStorage(Store):
                 (run_id,),
             )
         return run_row(found[0], tuple(step_row(s) for s in steps))
+
+    async def load_tail(self, run_id: str) -> RunRow | None:
+        """The run with its snapshot and the step rows from the snapshot on (see
+        :meth:`Store.load_tail`), read in one snapshot."""
+        async with self._connection("load", run_id) as conn:
+            return await _tail.load_tail(conn, run_id)
+
+    async def load_steps(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """The run's step rows below index ``before``."""
+        async with self._connection("load", run_id) as conn:
+            return await _tail.steps_before(conn, run_id, before)
+
+    def read_steps_blocking(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """:meth:`load_steps` on the calling thread, over the store's synchronous
+        connection (the one lease renewal uses)."""
+        self._db.check_open()
+        settings = self._db.renew_settings
+        if settings is None:
+            raise _StorageError(f"{self!r} reads only after init()")
+        rows = self._renewer.fetch(settings, _tail.STEPS_BEFORE, (run_id, before))
+        return tuple(step_row(r) for r in rows)
 
     async def list_attempts(self, run_id: str) -> list[AttemptRow]:
         """The run's attempt log, oldest first."""

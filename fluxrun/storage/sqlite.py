@@ -383,6 +383,19 @@ class SQLiteStorage(Store):
 
         return await self._run(read, "load", run_id)
 
+    async def load_tail(self, run_id: str) -> RunRow | None:
+        """The run with its snapshot and the step rows from the snapshot on (see
+        :meth:`Store.load_tail`), read in one snapshot."""
+        return await self._run(lambda c: _q.load_tail(c, run_id), "load", run_id)
+
+    async def load_steps(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """The run's step rows below index ``before``."""
+        return await self._run(lambda c: _q.steps_before(c, run_id, before), "load", run_id)
+
+    def read_steps_blocking(self, run_id: str, before: int) -> tuple[StepRow, ...]:
+        """:meth:`load_steps` on the calling thread."""
+        return self._locked(lambda c: _q.steps_before(c, run_id, before), "load", run_id)
+
     async def list_attempts(self, run_id: str) -> list[AttemptRow]:
         """The run's attempt log, oldest first."""
 

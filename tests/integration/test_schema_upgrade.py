@@ -3,7 +3,9 @@ steps) is migrated forward by the current stores: the old rows read back unchang
 new features (error types, tracebacks, the attempt log; the scheduling columns, the signal
 inbox, idempotent start, claims and requests) work on them. Both SQL dialects. Schema 4
 (leases judged by the boot clock) is SQLite's alone: a schema-3 file with leased runs keeps
-its leases as they were and gains the boot-clock columns."""
+its leases as they were and gains the boot-clock columns. The snapshot schema (SQLite 5,
+PostgreSQL 4): a run suspended before it is continued by reading it whole, and its next wait
+keeps a snapshot."""
 
 from __future__ import annotations
 
@@ -324,7 +326,7 @@ async def test_a_schema_3_sqlite_file_keeps_its_leases_and_gains_the_boot_clock(
     store = SQLiteStorage(path, clock=lambda: WALL, boot_clock=BootClock("b1", lambda: boot[0]))
     try:
         await store.init()
-        assert _sqlite_version(path) == 4 == len(migrations("sqlite"))
+        assert _sqlite_version(path) == len(migrations("sqlite"))
         with sqlite3.connect(path) as conn:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(flux_runs)")}
             leases = conn.execute(
@@ -364,6 +366,82 @@ async def test_a_schema_3_sqlite_file_keeps_its_leases_and_gains_the_boot_clock(
         finally:
             await other.close()
         await store.init()  # again: a no-op
-        assert _sqlite_version(path) == 4
+        assert _sqlite_version(path) == len(migrations("sqlite"))
     finally:
         await store.close()
+
+
+# -- snapshots (SQLite schema 5, PostgreSQL schema 4) -------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def before_snapshots(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
+    """A database at the schema before snapshots, holding old-4: a run of three steps whose
+    first completed (``x = 1``) and whose second waits for "approval"."""
+    run = (
+        "INSERT INTO flux_runs (id, name, status, input, step_names, current_step, created_at, "
+        "updated_at, version, fence, claims, wait_name, wait_kind) VALUES ('old-4', 'three', "
+        "'suspended', '{}', '[\"a\", \"b\", \"c\"]', 1, %s, %s, 3, 1, 0, 'approval', 'signal')"
+    )
+    steps = (
+        "INSERT INTO flux_steps (run_id, idx, name, status, started_at, completed_at, "
+        "suspended_at, waiting_for, retries, changes, fence) VALUES "
+        "('old-4', 0, 'a', 'completed', %s, %s, NULL, NULL, 0, '{\"set\": {\"x\": 1}, "
+        "\"del\": []}', 1), ('old-4', 1, 'b', 'suspended', %s, NULL, %s, 'approval', 0, "
+        '\'{"set": {"y": 2}, "del": []}\', 1)'
+    )
+    if request.param == "sqlite":
+        path = str(tmp_path / "v4.db")
+        upto = len(migrations("sqlite")) - 1
+        _sqlite_v1(path, upto=upto)
+        with sqlite3.connect(path) as conn:
+            conn.execute(run.replace("%s", "?"), (to_micros(T0), to_micros(T1)))
+            conn.execute(steps.replace("%s", "?"), tuple(to_micros(v) for v in (T0, T1, T1, T1)))
+        conn.close()
+        assert _sqlite_version(path) == upto
+        return (lambda: SQLiteStorage(path)), (lambda: _sqlite_version(path))
+    dsn: str = request.getfixturevalue("fresh_pg_dsn")
+    upto = len(migrations("postgres")) - 1
+    _postgres_v1(dsn, upto=upto)
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        conn.execute(run, (T0, T1))
+        conn.execute(steps, (T0, T1, T1, T1))
+    from fluxrun.storage.postgres import PostgresStorage
+
+    return (lambda: PostgresStorage(dsn)), (lambda: _postgres_version(dsn))
+
+
+async def test_a_run_suspended_before_snapshots_continues_and_gains_one(
+    before_snapshots: Setup,
+) -> None:
+    from fluxrun import FluxEngine, WorkflowContext, create_workflow, wait
+
+    open_store, schema_version = before_snapshots
+    seen: list[dict[str, object]] = []
+
+    def c(ctx: WorkflowContext) -> object:
+        seen.append(dict(ctx.data))
+        return wait("again")
+
+    flow = (
+        create_workflow("three")
+        .step("a", lambda ctx: None)
+        .step("b", lambda ctx: wait("approval"))
+        .step("c", c)
+    )
+    store = open_store()
+    async with FluxEngine(storage=store, poll_interval=0.05) as engine:
+        assert schema_version() == _latest(store)
+        tail = await store.load_tail("old-4")
+        assert tail is not None and tail.snapshot is None and tail.steps_from == 0
+        result = await engine.signal(flow, "old-4", "approval", {"ok": True})
+        assert result.status.value == "suspended" and seen == [{"x": 1, "y": 2}]
+        tail = await store.load_tail("old-4")
+        assert tail is not None and tail.snapshot is not None
+        assert (tail.snapshot.at, tail.steps_from, [r.index for r in tail.steps]) == (2, 2, [2])
+        done = await engine.signal(flow, "old-4", "again", None)
+        assert done.status.value == "completed" and done.data == {"x": 1, "y": 2}
+        assert seen == [{"x": 1, "y": 2}]
+        assert [h.status.value for h in done.history] == ["completed"] * 3

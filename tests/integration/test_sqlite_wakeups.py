@@ -31,8 +31,10 @@ async def test_a_signal_from_another_engine_wakes_the_driver_without_its_poll(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "shared.db"
-    flow = create_workflow("approval").step("ask", lambda ctx: wait("ok")).step(
-        "done", lambda ctx: ctx.data.update(done=True)
+    flow = (
+        create_workflow("approval")
+        .step("ask", lambda ctx: wait("ok"))
+        .step("done", lambda ctx: ctx.data.update(done=True))
     )
     driver = FluxEngine(storage=SQLiteStorage(db), poll_interval=3600)
     driver.register(flow)

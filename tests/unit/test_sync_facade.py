@@ -196,9 +196,7 @@ def test_operator_actions_work_blocking(engine: SyncFluxEngine) -> None:
         raise RuntimeError("boom")
 
     flow = (
-        create_workflow("sync-ops")
-        .step("a", lambda ctx: None, compensate=broken)
-        .step("b", fail)
+        create_workflow("sync-ops").step("a", lambda ctx: None, compensate=broken).step("b", fail)
     )
     stuck = engine.execute(flow)
     assert stuck.status == WorkflowStatus.COMPENSATION_FAILED
