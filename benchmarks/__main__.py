@@ -5,7 +5,8 @@ throughput, sequential and with many runs in flight, beside raw sqlite3 commits;
 with ~100 KB of ``ctx.data``; 4 PostgreSQL store beside raw psycopg inserts (with a DSN);
 5 lateness of durable timers beside bare ``asyncio.sleep``; 6 what sleeping runs hold in a
 process (RSS, tasks, threads) beside the process before; 7 kill -9 to the first step of a
-new engine (SQLite, and PostgreSQL with a DSN) beside the lease.
+new engine (SQLite, and PostgreSQL with a DSN) beside the lease; 8 what continuing a run
+costs (a signal) as its history grows, beside a raw SQLite commit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import fluxrun
 
 from ._common import Report, Sizes
+from ._continue import run_continue
 from ._memory import run_memory
 from ._postgres import DSN_ENV, run_postgres, throwaway_server
 from ._profile import run_profile
@@ -29,7 +31,16 @@ from ._restart import run_restart
 from ._sqlite import run_sqlite
 from ._timers import run_sleepers, run_timers
 
-SECTIONS = ("memory", "sqlite", "big", "postgres", "timers", "sleepers", "restart")
+SECTIONS = (
+    "memory",
+    "sqlite",
+    "big",
+    "postgres",
+    "timers",
+    "sleepers",
+    "restart",
+    "continue",
+)
 _USES_PG = ("postgres", "timers", "restart")
 
 
@@ -134,6 +145,8 @@ async def _sections(
         await run_sleepers(report, sizes)
     if "restart" in wanted:
         ok = await run_restart(report, sizes, dsn) and ok
+    if "continue" in wanted:
+        await run_continue(report, sizes)
     if args.profile:
         await run_profile(report, 200 if args.quick else 2000)
     return ok

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from ._codec import validate_text
 from ._context import SleepMarker, duration_seconds, sleep
 from ._invoke import is_async
+from ._records import StepExecution
 from ._retry import RetryPolicy, seconds
 from .errors import (
     DefinitionError,
@@ -179,11 +180,24 @@ class WorkflowDefinition:
     steps: tuple[StepDefinition, ...]
     version: str | None = None
     input_spec: InputSpec | None = None
+    # Worked out once: every continuation of a run compares and copies them.
+    _step_names: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    _pending: tuple[StepExecution, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(s.name for s in self.steps)
+        object.__setattr__(self, "_step_names", names)
+        object.__setattr__(self, "_pending", tuple(StepExecution(name=n) for n in names))
 
     @property
     def step_names(self) -> tuple[str, ...]:
         """The names of the steps, in order."""
-        return tuple(s.name for s in self.steps)
+        return self._step_names
+
+    @property
+    def pending_history(self) -> tuple[StepExecution, ...]:
+        """A run's history before any step has an outcome (every entry ``pending``)."""
+        return self._pending
 
     def describe(self) -> WorkflowDescriptor:
         """A serializable overview of this workflow."""

@@ -14,7 +14,6 @@ claim runs and hand them over.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -77,12 +76,6 @@ def _epoch() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@functools.lru_cache(maxsize=4096)
-def _pending(name: str) -> StepExecution:
-    """The history entry of a step not reached yet; immutable, so runs share one per name."""
-    return StepExecution(name=name)
-
-
 class RunMachine:
     """The state of one owned run, and the transitions that move it."""
 
@@ -111,9 +104,9 @@ class RunMachine:
         # ctx.data as last saved is the replay of the rows before this index (-1: not known
         # to be, e.g. after a signal's delivery): only then is a snapshot of it written.
         self.data_at = 0
-        self.history: list[StepExecution] = [
-            entry(rows[i]) if i in rows else _pending(n) for i, n in enumerate(self.names)
-        ]
+        self.history: list[StepExecution] = list(definition.pending_history)
+        for i, row in rows.items():
+            self.history[i] = entry(row)
 
     def merge_prefix(self, rows: Iterable[StepRow]) -> None:
         """Fold in the rows before ``steps_from``, now that something needs them."""

@@ -55,12 +55,15 @@ def test_quick_run_prints_every_section() -> None:
         "SQLite: tasks / threads / coroutines",
         "7. Restart",
         "SQLite: kill -9 to the first step",
+        "8. continuing a run",
+        "send_signal → next step",
+        "signal() with its result",
         "Targets:",
     ):
         assert text in out, f"{text!r} missing from:\n{out}"
     # Every target row carries a verdict; which one depends on the machine, not on the code.
     targets = [line for line in out.splitlines() if "target ≤" in line or "target ≥" in line]
-    assert len(targets) == 6, out
+    assert len(targets) == 7, out
     assert all(line.endswith(("PASS", "MISS")) for line in targets), out
 
 
