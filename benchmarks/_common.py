@@ -20,6 +20,7 @@ from fluxrun import (
 __all__ = [
     "BIG_KEYS",
     "BIG_VALUE_CHARS",
+    "COMMITS_PER_RUN",
     "STEPS",
     "Report",
     "Sizes",
@@ -219,6 +220,10 @@ class Report:
         self.row(label, value, unit, f"{note}  {result}")
 
 
+COMMITS_PER_RUN = 1
+"""Commits a run makes besides one per step: its creation (the last step's commit also
+completes it)."""
+
 SEQUENTIAL_TARGET = 0.5
 """Engine steps/s run one after another, as a share of the floor's."""
 
@@ -238,10 +243,11 @@ def report_engine_rates(
 ) -> None:
     """The rows a store's section shares: its ceiling, the sequential target, in-flight runs."""
     report.row(
-        f"ceiling: {STEPS + 2} such {ceiling_what} per {STEPS} steps",
+        f"ceiling: {STEPS + COMMITS_PER_RUN} such {ceiling_what} per {STEPS} steps",
         fmt_rate(ceiling_rate),
         "steps/s",
-        f"a run is created, saved per step, completed: {ceiling_rate / floor_rate:.0%} of "
+        f"a run is created, then saved per step (the last with its completion): "
+        f"{ceiling_rate / floor_rate:.0%} of "
         "floor at best (reference only)",
     )
     share = seq_wf * STEPS / floor_rate

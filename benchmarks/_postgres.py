@@ -13,6 +13,7 @@ from typing import Any
 from fluxrun import FluxEngine
 
 from ._common import (
+    COMMITS_PER_RUN,
     STEPS,
     Report,
     Sizes,
@@ -221,7 +222,7 @@ async def _postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
         report,
         target="postgres sequential",
         floor_rate=floor_rate,
-        ceiling_rate=async_rate * STEPS / (STEPS + 2),
+        ceiling_rate=async_rate * STEPS / (STEPS + COMMITS_PER_RUN),
         ceiling_what="inserts",
         runs=n,
         seq_wf=seq_wf,

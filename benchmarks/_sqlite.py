@@ -11,6 +11,7 @@ from fluxrun import FluxEngine, SQLiteStorage
 from ._common import (
     BIG_KEYS,
     BIG_VALUE_CHARS,
+    COMMITS_PER_RUN,
     STEPS,
     Report,
     Sizes,
@@ -114,7 +115,7 @@ async def _section2(
         report,
         target="sqlite sequential",
         floor_rate=floor_rate,
-        ceiling_rate=floor_rate * STEPS / (STEPS + 2),
+        ceiling_rate=floor_rate * STEPS / (STEPS + COMMITS_PER_RUN),
         ceiling_what="commits",
         runs=n,
         seq_wf=seq_wf,

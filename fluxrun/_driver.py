@@ -487,7 +487,8 @@ class DriverBase(RunMachine):
     ) -> None:
         """Keep a long wait before the next attempt in the store, and let the run go."""
         now = utcnow()
-        wake = self.settings.clock.now() + dt.timedelta(seconds=delay)
+        timers = self.settings.clock.now()
+        wake = timers + dt.timedelta(seconds=delay)
         log = failed.log_row(index, step.name, "step")
         self.current_step = index
         self.wait_kind = "backoff"
@@ -499,6 +500,7 @@ class DriverBase(RunMachine):
             wait_kind="backoff",
             wait_name=None,
             run_after=wake,
+            run_after_from=timers,  # a delay: the store's clock decides when it is over
             release=True,
         )
         await self._retry_told(index, step, failed, retries, False, delay)

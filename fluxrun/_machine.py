@@ -144,6 +144,7 @@ class RunMachine:
         consume_signal: SignalRef | None = None,
         delete_steps_from: int | None = None,
         snapshot: Snapshot | None = None,
+        run_after_from: dt.datetime | None = None,
         updated_at: dt.datetime,
     ) -> Transition:
         """One fenced write of this run as the machine last saw it."""
@@ -174,6 +175,7 @@ class RunMachine:
             consume_signal=consume_signal,
             delete_steps_from=delete_steps_from,
             snapshot=snapshot,
+            run_after_from=run_after_from,
         )
 
     def step_transition(self, row: StepRow) -> Transition:

@@ -70,7 +70,9 @@ class RunDriver(RollbackDriver):
                 )
                 index += 1
                 continue
-            outcome = await self._step(index, step, first_attempt if index == start else 1)
+            outcome = await self._step(
+                index, step, first_attempt if index == start else 1, last=index == len(steps) - 1
+            )
             if outcome is not None:
                 return outcome
             index += 1
@@ -127,8 +129,11 @@ class RunDriver(RollbackDriver):
         await self.emitter.hook("step_start", step.name, ctx)
         return await self.fail(index, step, failure, time.perf_counter())
 
-    async def _step(self, index: int, step: StepDefinition, first: int) -> FluxResult | None:
-        """Run one step; None means go on with the next one."""
+    async def _step(
+        self, index: int, step: StepDefinition, first: int, *, last: bool = False
+    ) -> FluxResult | None:
+        """Run one step; None means go on with the next one. The ``last`` step's outcome
+        and the run's completion are one commit (unless a cancel or pause is pending)."""
         emitter = self.emitter
         if step.when is not None:
             decided = await self._condition(index, step)
@@ -213,6 +218,16 @@ class RunDriver(RollbackDriver):
                 duration_ms=duration,
                 status=_COMPLETED,
             )
+        if last and self.request is None:
+            await self.save(
+                insert_step=row,
+                status=WorkflowStatus.COMPLETED,
+                error=None,
+                completed_at=row.completed_at,
+                release=True,
+            )
+            self.tracked.accept()
+            return await self._completed()
         await self.save_step(row)
         self.tracked.accept()
         return None
@@ -285,6 +300,9 @@ class RunDriver(RollbackDriver):
             wait_name=signal,
             wait_kind=self.wait_kind,
             run_after=wake,
+            # A wait's timeout or a sleep's duration is a delay, judged by the store's clock
+            # (sleep_until names an instant).
+            run_after_from=None if isinstance(marker, SleepMarker) and marker.until else timers,
             release=True,
         )
         if wake is not None:
@@ -296,6 +314,10 @@ class RunDriver(RollbackDriver):
         await self.save(
             status=WorkflowStatus.COMPLETED, error=None, completed_at=utcnow(), release=True
         )
+        return await self._completed()
+
+    async def _completed(self) -> FluxResult:
+        """Tell the hooks and sinks that the run completed (it is saved so)."""
         ctx = self.context(len(self.names) - 1)
         await self.emitter.hook("workflow_complete", ctx)
         if self.emitter.wants_events:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .._records import WorkflowStatus
@@ -57,6 +57,7 @@ __all__ = [
     "check_request_kind",
     "check_transition",
     "delete_busy_error",
+    "on_store_clock",
     "stronger_request",
     "transition_error",
 ]
@@ -238,6 +239,10 @@ class Transition:
     if it does not exist or was consumed already the whole transition fails with
     ``ConcurrentModificationError``: a signal is consumed exactly once.
 
+    ``run_after_from``: ``run_after`` is a delay, not an instant: the run becomes due
+    ``run_after - run_after_from`` after the store's own now (so a writer's clock never makes
+    a timer early or late by the store's).
+
     ``snapshot`` replaces the run's :class:`Snapshot`. Without one, a ``delete_steps_from``
     below the stored snapshot's ``at`` clears it (the rows it stands for are gone).
     """
@@ -265,6 +270,7 @@ class Transition:
     requested: Keep | Literal["pause"] | None = KEEP
     consume_signal: SignalRef | None = None
     snapshot: Snapshot | None = None
+    run_after_from: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +539,14 @@ def check_transition(run: RunRow, t: Transition, now: dt.datetime) -> None:
     )
     if error is not None:
         raise error
+
+
+def on_store_clock(t: Transition, now: dt.datetime) -> Transition:
+    """``t`` with a delay in ``run_after`` (see ``run_after_from``) made an instant by the
+    store's clock reading ``now`` (for the stores that read their clock in Python)."""
+    if t.run_after_from is None or not isinstance(t.run_after, dt.datetime):
+        return t
+    return replace(t, run_after=now + (t.run_after - t.run_after_from), run_after_from=None)
 
 
 def transition_error(

@@ -103,6 +103,7 @@ def check_transition_numbers(t: Transition) -> None:
         and not t.attempts
         and t.attempt is KEEP
         and t.consume_signal is None
+        and t.snapshot is None
         and (
             step is None
             or (
@@ -126,6 +127,8 @@ def _check_all(t: Transition) -> None:
         _int(run_id, t.current_step, 32, "current_step")  # type: ignore[arg-type]
     if t.delete_steps_from is not None:
         _int(run_id, t.delete_steps_from, 32, "delete_steps_from")
+    if t.snapshot is not None:
+        _int(run_id, t.snapshot.at, 32, "snapshot.at")
     for index in t.keep_steps:
         _int(run_id, index, 32, "keep_steps")
     for step in (t.insert_step, t.update_step):

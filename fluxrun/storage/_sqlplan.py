@@ -37,13 +37,19 @@ _CLEAR_PAUSE = [
 
 
 def patch_sets(
-    t: Transition, placeholder: str, time_value: Callable[[dt.datetime | None], Any]
+    t: Transition,
+    placeholder: str,
+    time_value: Callable[[dt.datetime | None], Any],
+    now_plus: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     """The SET clauses and their parameters for everything but the version, the update
     time and the lease: ``claims = 1`` when the write records progress (a step outcome
     without a claim or a release: only the current claim counts now), each patched column,
     the clearing of a request, and the snapshot (set, or cleared by a deletion below it).
-    ``time_value`` turns a datetime into the dialect's parameter."""
+    ``time_value`` turns a datetime into the dialect's parameter; ``now_plus`` is the
+    dialect's "the database's now plus this many seconds" (with ``placeholder``), for a
+    ``run_after`` given as a delay (a dialect without one resolves it first:
+    :func:`~fluxrun.storage._base.on_store_clock`)."""
     sets: list[str] = []
     params: list[Any] = []
     progress = t.insert_step is not None or t.update_step is not None
@@ -51,7 +57,11 @@ def patch_sets(
         sets.append("claims = 1")
     for column in PATCHED:
         value = getattr(t, column)
-        if value is not KEEP:
+        if column == "run_after" and t.run_after_from is not None and value is not None:
+            assert now_plus is not None, "resolve the delay with on_store_clock first"
+            sets.append(f"run_after = {now_plus}")
+            params.append((value - t.run_after_from).total_seconds())
+        elif value is not KEEP:
             sets.append(f"{column} = {placeholder}")
             params.append(time_value(value) if column in _TIMES else value)
     if t.requested is not KEEP:

@@ -30,6 +30,7 @@ from ._base import (
     Transition,
     check_request_kind,
     delete_busy_error,
+    on_store_clock,
     stronger_request,
     transition_error,
 )
@@ -201,12 +202,18 @@ class MemoryStorage(Store):
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition atomically."""
         check_transition_numbers(t)
+        if t.run_after_from is not None:
+            t = on_store_clock(t, self._now())
         with self._lock:
             entry = self._runs.get(t.run_id)
             if entry is None:
                 raise ConcurrentModificationError(
                     f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
                 )
+            if _plain_step_commit(t):
+                applied = _commit_step(entry, t)
+                if applied is not None:
+                    return applied
             col = entry.col
             # The clock judges leases: a fenced step commit needs none (one read less per step).
             now = (
@@ -531,3 +538,48 @@ _ROW_SLOTS = operator.attrgetter(*RunRow.__slots__)
 _SLOT_SETTERS: tuple[tuple[Callable[[RunRow, object], None], str], ...] = tuple(
     (getattr(RunRow, name).__set__, name) for name in RunRow.__slots__
 )
+
+
+def _plain_step_commit(t: Transition) -> bool:
+    """Whether ``t`` only records a step's outcome under its fence (the hot path: one per
+    step) and moves the cursor and the status."""
+    return (
+        t.insert_step is not None
+        and t.fence is not None
+        and t.claim is None
+        and t.renew_lease is None
+        and not t.release
+        and t.update_step is None
+        and t.delete_steps_from is None
+        and not t.attempts
+        and t.consume_signal is None
+        and t.snapshot is None
+        and t.requested is KEEP
+        and t.error is KEEP
+        and t.completed_at is KEEP
+        and t.wait_name is KEEP
+        and t.run_after is KEEP
+        and t.wait_kind is KEEP
+        and t.attempt is KEEP
+    )
+
+
+def _commit_step(entry: _Run, t: Transition) -> Applied | None:
+    """:meth:`MemoryStorage.apply` of a :func:`_plain_step_commit` that applies (the same
+    effect as the general path), or None to let the general path judge it."""
+    step = t.insert_step
+    assert step is not None
+    version = entry.col("version")
+    fence = entry.col("fence")
+    if fence != t.fence or version != t.expected_version or step.index in entry.steps:
+        return None  # the general path raises the precise error
+    entry.steps[step.index] = step
+    patch = entry._patch
+    patch["version"] = version + 1
+    patch["updated_at"] = t.updated_at
+    patch["claims"] = 1  # progress: only the current claim counts now
+    if t.current_step is not KEEP:
+        patch["current_step"] = t.current_step
+    if t.status is not KEEP:
+        patch["status"] = t.status
+    return Applied(version=version + 1, fence=fence)

@@ -33,6 +33,7 @@ from ._base import (
     Transition,
     check_request_kind,
     delete_busy_error,
+    on_store_clock,
 )
 from ._limits import check_new_run, check_transition_numbers, page, row_limit, usable_fences
 from ._migrations import migrations
@@ -323,6 +324,8 @@ class SQLiteStorage(Store):
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition in one ``BEGIN IMMEDIATE`` transaction."""
         check_transition_numbers(t)
+        if t.run_after_from is not None:
+            t = on_store_clock(t, dt.datetime.fromtimestamp(self._clock.wall_us() / 1e6, dt.UTC))
         return await self._run(
             lambda conn: _q.apply(conn, t, self._clock),
             "step commit",
