@@ -340,27 +340,25 @@ class Runtime:
         applied = Applied(version=row.version, fence=row.fence)
         name = waited_signal(row)
         signal = None if name is None else await self.store.first_signal(row.id, name)
-        decision = decide(
-            row,
-            definition,
-            max_recoveries=self.max_recoveries,
-            signal=signal,
-            timer_due=timer_due,
-        )
+
+        def decide_for(r: RunRow) -> Decision:
+            return decide(
+                r,
+                definition,
+                max_recoveries=self.max_recoveries,
+                signal=signal,
+                timer_due=timer_due,
+            )
+
+        decision = decide_for(row)
         if row.steps_from and isinstance(decision, Rollback | Cancel):
             # Compensation looks at every completed step: read them all. (The claim holds,
             # so the run is as it was a moment ago.)
             full = await self.store.load(run_id)
             if full is None or full.fence != fence:
                 return None
-            row = dataclasses.replace(full, claims=row.claims)
-            decision = decide(
-                row,
-                definition,
-                max_recoveries=self.max_recoveries,
-                signal=signal,
-                timer_due=timer_due,
-            )
+            row = full
+            decision = decide_for(row)
         if row.status not in (_SUSPENDED, WorkflowStatus.PENDING.value) or row.claims > 1:
             self.emitter.log.warning(
                 f"recovering run {row.name}/{row.id} (status {row.status}, attempt {row.claims})"

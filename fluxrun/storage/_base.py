@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .._records import WorkflowStatus
@@ -57,7 +57,6 @@ __all__ = [
     "check_request_kind",
     "check_transition",
     "delete_busy_error",
-    "on_store_clock",
     "stronger_request",
     "transition_error",
 ]
@@ -539,14 +538,6 @@ def check_transition(run: RunRow, t: Transition, now: dt.datetime) -> None:
     )
     if error is not None:
         raise error
-
-
-def on_store_clock(t: Transition, now: dt.datetime) -> Transition:
-    """``t`` with a delay in ``run_after`` (see ``run_after_from``) made an instant by the
-    store's clock reading ``now`` (for the stores that read their clock in Python)."""
-    if t.run_after_from is None or not isinstance(t.run_after, dt.datetime):
-        return t
-    return replace(t, run_after=now + (t.run_after - t.run_after_from), run_after_from=None)
 
 
 def transition_error(

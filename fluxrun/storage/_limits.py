@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ..errors import InvalidArgumentError
 from ._base import KEEP, ListQuery, RunRow, Transition
@@ -26,6 +27,7 @@ __all__ = [
     "check_transition_numbers",
     "lease_expiry",
     "lease_seconds",
+    "on_store_clock",
     "page",
     "row_limit",
     "usable_fences",
@@ -166,3 +168,11 @@ def _duration(run_id: str, value: float | None) -> None:
             f"run {run_id!r}: a duration must be a finite number of milliseconds, got {value!r}",
             workflow_id=run_id,
         )
+
+
+def on_store_clock(t: Transition, now: dt.datetime) -> Transition:
+    """``t`` with a delay in ``run_after`` (see ``run_after_from``) made an instant by the
+    store's clock reading ``now`` (for the stores that read their clock in Python)."""
+    if t.run_after_from is None or not isinstance(t.run_after, dt.datetime):
+        return t
+    return replace(t, run_after=now + (t.run_after - t.run_after_from), run_after_from=None)

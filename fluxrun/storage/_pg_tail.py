@@ -7,14 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StorageError
 from ._base import RunRow, Snapshot, StepRow
 from ._pg import RUN_SELECT, STEP_SELECT, fetchall, run_row, step_row
-from ._pg_connect import transaction
+from ._pg_connect import LeaseRenewer, transaction
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["STEPS_BEFORE", "load_tail", "steps_before"]
+__all__ = ["STEPS_BEFORE", "load_tail", "read_before", "steps_before"]
 
 STEPS_BEFORE = (
     "SELECT " + STEP_SELECT + " FROM flux_steps WHERE run_id = %s AND idx < %s ORDER BY idx"
@@ -47,3 +48,12 @@ async def steps_before(
 ) -> tuple[StepRow, ...]:
     """A run's step rows below index ``before``, in index order."""
     return tuple(step_row(s) for s in await fetchall(conn, STEPS_BEFORE, (run_id, before)))
+
+
+def read_before(
+    renewer: LeaseRenewer, settings: tuple[str, dict[str, Any]] | None, run_id: str, before: int
+) -> tuple[StepRow, ...]:
+    """:func:`steps_before` over the store's synchronous connection (``renewer``'s)."""
+    if settings is None:
+        raise StorageError("PostgresStorage reads steps this way only after init()")
+    return tuple(step_row(r) for r in renewer.fetch(settings, STEPS_BEFORE, (run_id, before)))

@@ -30,7 +30,6 @@ from ._base import (
     Transition,
     check_request_kind,
     delete_busy_error,
-    on_store_clock,
     stronger_request,
     transition_error,
 )
@@ -38,6 +37,7 @@ from ._limits import (
     check_new_run,
     check_transition_numbers,
     lease_expiry,
+    on_store_clock,
     page,
     row_limit,
     usable_fences,

@@ -448,11 +448,7 @@ class PostgresStorage(Store):
         """:meth:`load_steps` on the calling thread, over the store's synchronous
         connection (the one lease renewal uses)."""
         self._db.check_open()
-        settings = self._db.renew_settings
-        if settings is None:
-            raise _StorageError(f"{self!r} reads only after init()")
-        rows = self._renewer.fetch(settings, _tail.STEPS_BEFORE, (run_id, before))
-        return tuple(step_row(r) for r in rows)
+        return _tail.read_before(self._renewer, self._db.renew_settings, run_id, before)
 
     async def list_attempts(self, run_id: str) -> list[AttemptRow]:
         """The run's attempt log, oldest first."""

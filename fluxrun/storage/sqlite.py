@@ -33,9 +33,15 @@ from ._base import (
     Transition,
     check_request_kind,
     delete_busy_error,
-    on_store_clock,
 )
-from ._limits import check_new_run, check_transition_numbers, page, row_limit, usable_fences
+from ._limits import (
+    check_new_run,
+    check_transition_numbers,
+    on_store_clock,
+    page,
+    row_limit,
+    usable_fences,
+)
 from ._migrations import migrations
 from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
