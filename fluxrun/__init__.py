@@ -6,6 +6,7 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
+from ._client import FluxClient
 from ._context import Flux, SleepMarker, WaitMarker, WorkflowContext, sleep, sleep_until, wait
 from ._control import RunHandle
 from ._definition import (
@@ -88,6 +89,7 @@ __all__ = [
     "EmptyWorkflowError",
     "EngineClosedError",
     "Flux",
+    "FluxClient",
     "FluxEngine",
     "FluxError",
     "FluxLogger",

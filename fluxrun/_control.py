@@ -36,6 +36,7 @@ __all__ = [
     "NewRun",
     "RunControl",
     "RunHandle",
+    "input_hash",
     "opt_text",
     "prepare_run",
     "request_run",
@@ -54,7 +55,8 @@ class NewRun:
     input_hash: str
 
 
-def _input_hash(text: str) -> str:
+def input_hash(text: str) -> str:
+    """What tells two inputs of one idempotent start apart."""
     # Key order does not make two inputs different (the same order from two processes may
     # be built in another order).
     canonical = json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
@@ -101,7 +103,7 @@ def prepare_run(
         run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
     )
-    hashed = _input_hash(input_text) if run_id is not None or idempotency_key else ""
+    hashed = input_hash(input_text) if run_id is not None or idempotency_key else ""
     return NewRun(row=row, typed=typed, plain=plain, input_hash=hashed)
 
 

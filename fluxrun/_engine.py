@@ -175,6 +175,7 @@ class FluxEngine(RunControl):
         self._scheduler = Scheduler(self._runtime, max_concurrent=max_concurrent_runs)
         self.settings.clock.subscribe(self._clock_moved)
         self._recover_on_start = bool(recover_on_start)
+        self._drives = True  # False for a FluxClient's engine: it never runs user code
         self._ready = False
         self._closing = False
         self._closed = False
@@ -226,7 +227,7 @@ class FluxEngine(RunControl):
             self._ready = True
         if self._recover_on_start:
             await self.recover()
-        if not self._closing:
+        if not self._closing and self._drives:
             self._scheduler.start()
 
     async def _ensure_ready(self) -> None:

@@ -38,6 +38,7 @@ from ._machine import (
     signal_ref,
     woken_step,
 )
+from ._named import adopt_named_run
 from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, WorkflowStatus
 from ._registry import Registry
 from ._runner import RunDriver, Settings
@@ -337,6 +338,11 @@ class Runtime:
         row = claimed if claimed is not None else await self.store.load_tail(run_id)
         if row is None or row.fence != fence or row.owner != self.settings.owner:
             return None  # deleted, or claimed by someone else meanwhile
+        if not row.step_names:
+            adopted = await adopt_named_run(self, row, definition)
+            if adopted is None:
+                return None  # its input was refused: the run failed without running a step
+            row = adopted
         applied = Applied(version=row.version, fence=row.fence)
         name = waited_signal(row)
         signal = None if name is None else await self.store.first_signal(row.id, name)
@@ -434,7 +440,13 @@ class Runtime:
         if row.requested is not None:
             return False
         name = waited_signal(row)
-        return name is None or await self.store.first_signal(row.id, name) is None
+        if name is None:
+            return True
+        if await self.store.first_signal(row.id, name) is not None:
+            return False
+        # Read apart from the row: a signal consumed in between means the run moved on.
+        again = await self.store.load_tail(row.id)
+        return again is not None and again.version == row.version
 
     def _settle(self, run_id: str, result: FluxResult) -> None:
         for fut in self._watchers.pop(run_id, ()):

@@ -242,6 +242,10 @@ class Transition:
     ``run_after - run_after_from`` after the store's own now (so a writer's clock never makes
     a timer early or late by the store's).
 
+    ``step_names`` (with ``definition_version``) records the steps of a run that was started
+    by workflow name alone (a :class:`~fluxrun.FluxClient`), once an engine that has the
+    workflow takes it.
+
     ``snapshot`` replaces the run's :class:`Snapshot`. Without one, a ``delete_steps_from``
     below the stored snapshot's ``at`` clears it (the rows it stands for are gone).
     """
@@ -270,6 +274,8 @@ class Transition:
     consume_signal: SignalRef | None = None
     snapshot: Snapshot | None = None
     run_after_from: dt.datetime | None = None
+    step_names: tuple[str, ...] | None = None
+    definition_version: str | Keep | None = KEEP
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ by the boot clock, PostgreSQL by the database's) and its own ``WHERE``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ PATCHED = (
     "run_after",
     "wait_kind",
     "attempt",
+    "definition_version",
 )
 """The run columns a transition sets when they are not ``KEEP``, in this order."""
 
@@ -41,6 +43,7 @@ def patch_sets(
     placeholder: str,
     time_value: Callable[[dt.datetime | None], Any],
     now_plus: str | None = None,
+    json_placeholder: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     """The SET clauses and their parameters for everything but the version, the update
     time and the lease: ``claims = 1`` when the write records progress (a step outcome
@@ -66,6 +69,9 @@ def patch_sets(
             params.append(time_value(value) if column in _TIMES else value)
     if t.requested is not KEEP:
         sets += _CLEAR_REQUEST if t.requested is None else _CLEAR_PAUSE
+    if t.step_names is not None:
+        sets.append(f"step_names = {json_placeholder or placeholder}")
+        params.append(json.dumps(list(t.step_names), ensure_ascii=False))
     if t.snapshot is not None:
         sets += [f"snapshot = {placeholder}", f"snapshot_at = {placeholder}"]
         params += [t.snapshot.text, t.snapshot.at]

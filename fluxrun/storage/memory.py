@@ -290,6 +290,8 @@ class MemoryStorage(Store):
                     changes[name] = value
             if t.requested is None or (t.requested == "pause" and col("requested") == "pause"):
                 changes.update(requested=None, request_reason=None)
+            if t.step_names is not None:
+                changes["step_names"] = t.step_names
             if t.snapshot is not None:
                 entry.snapshot = t.snapshot
             elif (
@@ -561,6 +563,8 @@ def _plain_step_commit(t: Transition) -> bool:
         and t.run_after is KEEP
         and t.wait_kind is KEEP
         and t.attempt is KEEP
+        and t.step_names is None
+        and t.definition_version is KEEP
     )
 
 

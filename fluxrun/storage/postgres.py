@@ -241,7 +241,9 @@ class PostgresStorage(Store):
         elif t.renew_lease is not None:
             sets.append("lease_until = " + NEW_LEASE)
             params.append(clamp_lease(t.renew_lease))
-        patched, patch_params = patch_sets(t, "%s", _same, "now() + make_interval(secs => %s)")
+        patched, patch_params = patch_sets(
+            t, "%s", _same, "now() + make_interval(secs => %s)", "%s::jsonb"
+        )
         sets += patched
         params += patch_params
         owned = "fence = %s" if t.fence is not None else UNOWNED

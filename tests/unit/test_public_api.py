@@ -16,6 +16,7 @@ EXPECTED_ALL = [
     "EmptyWorkflowError",
     "EngineClosedError",
     "Flux",
+    "FluxClient",
     "FluxEngine",
     "FluxError",
     "FluxLogger",
