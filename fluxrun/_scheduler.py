@@ -58,6 +58,10 @@ class Scheduler:
         runtime.on_idle = self.wake
         runtime.on_drive_end = self._drive_ended
 
+    def set_max(self, limit: int) -> None:
+        """Drive at most ``limit`` runs at once from now on (a worker's ``--concurrency``)."""
+        self._max = limit
+
     @property
     def running(self) -> bool:
         """Whether the loop runs."""
