@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from ._codec import DEFAULT_MAX_SIZE
-from ._control import RunHandle, opt_text, prepare_run, start_run
+from ._control import RunHandle, check_priority, opt_text, prepare_run, start_run
 from ._definition import WorkflowDefinition
 from ._engine import FluxEngine
 from ._named import prepare_named_run
@@ -99,10 +99,11 @@ class FluxClient:
         id: str | None = None,
         idempotency_key: str | None = None,
         delay: float | dt.timedelta | None = None,
+        priority: int = 0,
     ) -> RunHandle:
         """Store a new run of ``workflow`` (its name, or the workflow itself) for a worker to
         drive, and return at once. Idempotent by ``idempotency_key`` or ``id`` as
-        :meth:`FluxEngine.start` is.
+        :meth:`FluxEngine.start` is; a higher ``priority`` is claimed first.
 
         Raises:
             InvalidInputError: the input cannot be stored (or, with a workflow object, failed
@@ -110,6 +111,7 @@ class FluxClient:
             IdempotencyConflictError: the key (or id) is taken by a run with another input.
         """
         engine = self._engine
+        priority = check_priority(priority)
         wait = None
         if delay is not None:
             try:
@@ -121,7 +123,13 @@ class FluxClient:
         if isinstance(workflow, str):
             name = text_arg(workflow, "workflow name")
             new = prepare_named_run(
-                engine._runtime, name, input, run_id=run_id, idempotency_key=key, delay=wait
+                engine._runtime,
+                name,
+                input,
+                run_id=run_id,
+                idempotency_key=key,
+                delay=wait,
+                priority=priority,
             )
         else:
             definition: WorkflowDefinition = Registry().resolve(workflow)
@@ -132,6 +140,7 @@ class FluxClient:
                 run_id=run_id,
                 idempotency_key=key,
                 delay=wait,
+                priority=priority,
             )
         await engine._ensure_ready()
         with naming(new.row.id, new.row.name):

@@ -36,6 +36,7 @@ __all__ = [
     "NewRun",
     "RunControl",
     "RunHandle",
+    "check_priority",
     "input_hash",
     "opt_text",
     "prepare_run",
@@ -71,6 +72,7 @@ def prepare_run(
     run_id: str | None,
     idempotency_key: str | None,
     delay: float | None,
+    priority: int = 0,
 ) -> NewRun:
     """Validate and encode a new run's input; nothing is stored.
 
@@ -102,6 +104,7 @@ def prepare_run(
         definition_version=definition.version,
         run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
+        priority=priority,
     )
     hashed = input_hash(input_text) if run_id is not None or idempotency_key else ""
     return NewRun(row=row, typed=typed, plain=plain, input_hash=hashed)
@@ -234,6 +237,15 @@ class RunHandle:
         return f"RunHandle(id={self.id!r})"
 
 
+def check_priority(priority: object) -> int:
+    """A run's priority: an int in the 32-bit range (higher is claimed first)."""
+    if type(priority) is not int or not -(2**31) <= priority < 2**31:
+        raise InvalidArgumentError(
+            f"priority must be an int between -2**31 and 2**31 - 1, got {priority!r}"
+        )
+    return priority
+
+
 def opt_text(value: str | None, what: str) -> str | None:
     """An optional text argument, checked like :func:`text_arg` when given."""
     return None if value is None else text_arg(value, what)
@@ -259,9 +271,11 @@ class RunControl:
         id: str | None = None,
         idempotency_key: str | None = None,
         delay: float | dt.timedelta | None = None,
+        priority: int = 0,
     ) -> RunHandle:
         """Store a new run and return at once; the scheduler drives it (in this process,
-        unless another engine claims it first).
+        unless another engine claims it first). Among due runs, a higher ``priority`` is
+        claimed first (by any engine on the store).
 
         Two starts of one workflow with the same ``idempotency_key`` (or the same ``id``),
         from any processes at once, make one run: the second gets a handle to the first
@@ -273,6 +287,7 @@ class RunControl:
             IdempotencyConflictError: the key (or id) is taken by a run with another input.
         """
         definition = self._registry.adopt(flow)
+        priority = check_priority(priority)
         wait = None
         if delay is not None:
             try:
@@ -286,6 +301,7 @@ class RunControl:
             run_id=opt_text(id, "id"),
             idempotency_key=opt_text(idempotency_key, "idempotency_key"),
             delay=wait,
+            priority=priority,
         )
         await self._ensure_ready()
         with naming(new.row.id, definition.name):

@@ -37,6 +37,7 @@ def prepare_named_run(
     run_id: str | None,
     idempotency_key: str | None,
     delay: float | None,
+    priority: int = 0,
 ) -> NewRun:
     """A new run of the workflow called ``name``, its input encoded as given; nothing is
     stored.
@@ -65,6 +66,7 @@ def prepare_named_run(
         fence=1,
         run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
+        priority=priority,
     )
     hashed = input_hash(text) if run_id is not None or idempotency_key else ""
     return NewRun(row=row, typed=plain, plain=plain, input_hash=hashed)

@@ -108,11 +108,24 @@ class Scheduler:
             await asyncio.wait(tasks, timeout=timeout)
 
     async def _run(self) -> None:
-        errors = 0
         try:
             self._seen = await self._rt.store.external_changes()
         except Exception:
             self._seen = None
+        try:
+            # Wake-ups from other processes (PostgreSQL's LISTEN); polling is the net.
+            unlisten = await self._rt.store.listen(self.wake)
+        except Exception as exc:
+            self._rt.emitter.log.warning(f"no wake-ups from the store ({exc!r}); polling only")
+            unlisten = None
+        try:
+            await self._loop()
+        finally:
+            if unlisten is not None:
+                await unlisten()
+
+    async def _loop(self) -> None:
+        errors = 0
         while not self._stopping:
             self._wake.clear()
             try:

@@ -228,6 +228,32 @@ class PostgresServer:
                 self._kill_postmaster()
         shutil.rmtree(self.basedir, ignore_errors=True)
 
+    def crash(self) -> None:
+        """Stop the server as a crash would (``pg_ctl stop -m immediate``): no shutdown
+        checkpoint, every connection cut."""
+        self._pg(["pg_ctl", "stop", "-w", "-t", "60", "-m", "immediate", "-D", self.datadir])
+
+    def restart(self) -> None:
+        """Start the server again on the same port (after :meth:`crash`): it recovers."""
+        settings = " ".join(f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items())
+        options = f"-h {_HOST} -p {self.port} -k {self.socketdir} {settings}"
+        self._pg(
+            [
+                "pg_ctl",
+                "start",
+                "-w",
+                "-t",
+                str(_START_TIMEOUT_S),
+                "-D",
+                self.datadir,
+                "-l",
+                self.logfile,
+                "-o",
+                options,
+            ],
+            timeout=_START_TIMEOUT_S + 30,
+        )
+
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
         try:

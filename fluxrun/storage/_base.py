@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -388,6 +388,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def load(self, run_id: str) -> RunRow | None:
         """The run with its step rows, or None."""
+
+    async def listen(self, wake: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """Call ``wake`` whenever another process may have made a run due (a hint: the
+        scheduler polls anyway), until the returned function is awaited; None if this
+        store cannot tell (the default)."""
+        return None
 
     async def load_tail(self, run_id: str) -> RunRow | None:
         """The run as a continuation needs it, or None: with its :class:`Snapshot` and only

@@ -12,16 +12,18 @@ are judged by the database clock, never by a worker's.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError
 from ..errors import StorageError as _StorageError
+from . import _pg_apply as _apply
 from . import _pg_sched as _q
 from . import _pg_tail as _tail
 from ._base import (
+    FINISHED_STATUSES,
     RECOVERABLE_STATUSES,
     Applied,
     AttemptRow,
@@ -37,7 +39,6 @@ from ._base import (
     Transition,
     check_request_kind,
     delete_busy_error,
-    transition_error,
 )
 from ._limits import (
     check_new_run,
@@ -50,16 +51,10 @@ from ._limits import lease_seconds as clamp_lease
 from ._migrations import migrations
 from ._pg import (
     ATTEMPT_SELECT,
-    INSERT_ATTEMPTS,
-    INSERT_ATTEMPTS_AFTER_UPDATE,
     NEW_LEASE,
     RUN_SELECT,
-    SET_STEP,
     STEP_SELECT,
-    STEP_TARGET,
-    STEP_VALUES,
     UNOWNED,
-    attempt_params,
     attempt_row,
     check_size,
     check_timeout,
@@ -68,12 +63,11 @@ from ._pg import (
     require_psycopg,
     rowcount,
     run_row,
-    step_params,
     step_row,
-    step_values,
 )
 from ._pg_connect import LeaseRenewer, PgPool, transaction
-from ._sched import check_signal, unconsumable_error
+from ._pg_listen import Listener, notify
+from ._sched import check_signal
 from ._sqlplan import patch_sets
 
 if TYPE_CHECKING:
@@ -119,6 +113,9 @@ class PostgresStorage(Store):
         max_size: Most connections the store's own pool opens.
         query_timeout: Seconds (> 0, default 30) that one operation, one connection attempt
             or the wait for a pooled connection may take.
+        listen: Whether an engine on this store listens for wake-ups (``LISTEN flux_due``,
+            on a connection of its own). False behind a pooler that cannot ``LISTEN``
+            (PgBouncer in transaction mode): engines then find work by polling only.
 
     Raises:
         InvalidArgumentError: both or neither of ``dsn`` and ``pool``, or a bad size or
@@ -136,6 +133,7 @@ class PostgresStorage(Store):
         min_size: int = 1,
         max_size: int = 10,
         query_timeout: float = 30.0,
+        listen: bool = True,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise InvalidArgumentError("PostgresStorage needs either a dsn or a pool (not both)")
@@ -157,6 +155,7 @@ class PostgresStorage(Store):
         self._dsn = dsn
         self._db = PgPool(repr(self), dsn, pool, min_size, max_size, self._timeout)
         self._renewer = LeaseRenewer(repr(self), self._timeout)
+        self._listen = bool(listen)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -261,138 +260,15 @@ class PostgresStorage(Store):
         )
         async with self._connection("step commit", t.run_id) as conn:
             if simple:
-                return await self._apply_simple(conn, t, update, params)
-            async with transaction(conn):
-                return await self._apply_block(conn, t, update, params)
-
-    async def _apply_simple(
-        self, conn: psycopg.AsyncConnection[Any], t: Transition, update: str, params: list[Any]
-    ) -> Applied:
-        """One statement: the run's compare-and-set, and the step row and attempts written
-        only if it applied (an autocommit statement is atomic: a failing part undoes all)."""
-        from psycopg import errors
-
-        ctes: list[str] = []
-        if t.insert_step is not None:
-            # A row already at that index fails the whole statement with a unique violation.
-            ctes.append(
-                "i AS (INSERT INTO flux_steps ("
-                + STEP_TARGET
-                + ") SELECT "
-                + STEP_VALUES
-                + " FROM u)"
-            )
-            params = params + list(step_values(t.run_id, t.insert_step))
-        elif t.update_step is not None:
-            # The run is updated only if the step row exists, so the row update always hits.
-            update += " AND EXISTS (SELECT 1 FROM flux_steps WHERE run_id = %s AND idx = %s)"
-            index = t.update_step.index
-            ctes.append("s AS (" + SET_STEP + " FROM u WHERE run_id = %s AND idx = %s)")
-            params = [*params, t.run_id, index, *step_params(t.update_step), t.run_id, index]
-        if t.attempts:
-            ctes.append("a AS (" + INSERT_ATTEMPTS_AFTER_UPDATE + ")")
-            params = params + attempt_params(t)
-        if ctes:
-            query = (
-                "WITH u AS ("
-                + update
-                + " RETURNING version, fence), "
-                + ", ".join(ctes)
-                + " SELECT version, fence FROM u"
-            )
-        else:
-            query = update + " RETURNING version, fence"
-        try:
-            rows = await fetchall(conn, query, params)
-        except errors.UniqueViolation as exc:
-            raise self._recorded(t) from exc
-        if not rows:
-            raise await self._diagnose(conn, t)
-        return Applied(version=rows[0][0], fence=rows[0][1])
-
-    async def _apply_block(
-        self, conn: psycopg.AsyncConnection[Any], t: Transition, update: str, params: list[Any]
-    ) -> Applied:
-        """The parts in order (run, deletion, insertion, replacement, attempts), as in every
-        store; the caller's transaction block undoes them all if one fails."""
-        from psycopg import errors
-
-        rows = await fetchall(conn, update + " RETURNING version, fence", params)
-        if not rows:
-            raise await self._diagnose(conn, t)
-        if t.consume_signal is not None:
-            c = t.consume_signal
-            hit = await rowcount(
-                conn,
-                "UPDATE flux_signals SET consumed_by_step = %s, consumed_at = %s "
-                "WHERE run_id = %s AND seq = %s AND consumed_by_step IS NULL",
-                (c.step, t.updated_at, t.run_id, c.seq),
-            )
-            if hit != 1:
-                raise unconsumable_error(t.run_id, c.seq)
-        if t.delete_steps_from is not None:
-            await conn.execute(
-                "DELETE FROM flux_steps WHERE run_id = %s AND idx >= %s "
-                "AND NOT (idx = ANY(%s::integer[]))",
-                (t.run_id, t.delete_steps_from, list(t.keep_steps)),
-            )
-        if t.insert_step is not None:
-            try:
-                await conn.execute(
-                    "INSERT INTO flux_steps (" + STEP_TARGET + ") VALUES (" + STEP_VALUES + ")",
-                    step_values(t.run_id, t.insert_step),
-                )
-            except errors.UniqueViolation as exc:
-                raise self._recorded(t) from exc
-        if t.update_step is not None:
-            index = t.update_step.index
-            changed = await rowcount(
-                conn,
-                SET_STEP + " WHERE run_id = %s AND idx = %s",
-                (*step_params(t.update_step), t.run_id, index),
-            )
-            if changed != 1:
-                raise self._unrecorded(t.run_id, index)
-        if t.attempts:
-            await conn.execute(INSERT_ATTEMPTS, attempt_params(t))
-        return Applied(version=rows[0][0], fence=rows[0][1])
-
-    @staticmethod
-    def _recorded(t: Transition) -> ConcurrentModificationError:
-        index = t.insert_step.index if t.insert_step is not None else -1
-        return ConcurrentModificationError(
-            f"step {index} of run {t.run_id!r} is already recorded", workflow_id=t.run_id
-        )
-
-    @staticmethod
-    def _unrecorded(run_id: str, index: int) -> ConcurrentModificationError:
-        return ConcurrentModificationError(
-            f"step {index} of run {run_id!r} has no recorded outcome", workflow_id=run_id
-        )
-
-    async def _diagnose(
-        self, conn: psycopg.AsyncConnection[Any], t: Transition
-    ) -> ConcurrentModificationError:
-        """Why a compare-and-set matched no row: the same error the reference model raises."""
-        index = None if t.update_step is None else t.update_step.index
-        rows = await fetchall(
-            conn,
-            "SELECT name, version, fence, owner, lease_until, now(), "
-            "EXISTS (SELECT 1 FROM flux_steps WHERE run_id = %s AND idx = %s) "
-            "FROM flux_runs WHERE id = %s",
-            (t.run_id, index, t.run_id),
-        )
-        if not rows:
-            return ConcurrentModificationError(
-                f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
-            )
-        name, version, fence, owner, lease_until, now, step_exists = rows[0]
-        error = transition_error(t.run_id, name, version, fence, owner, lease_until, t, now)
-        if error is None and index is not None and not step_exists:
-            error = self._unrecorded(t.run_id, index)
-        return error or ConcurrentModificationError(
-            f"run {t.run_id!r} changed while being written", workflow_id=t.run_id
-        )
+                applied = await _apply.apply_simple(conn, t, update, params)
+            else:
+                async with transaction(conn):
+                    applied = await _apply.apply_block(conn, t, update, params)
+            if (t.release and t.status not in FINISHED_STATUSES) or (
+                t.fence is None and t.claim is None
+            ):
+                await notify(conn)  # let go unfinished, or changed by an operator: maybe due
+            return applied
 
     async def delete(self, run_id: str) -> bool:
         """Delete a run unless a live lease (by the database clock) owns it; its step and
@@ -434,6 +310,18 @@ class PostgresStorage(Store):
                 (run_id,),
             )
         return run_row(found[0], tuple(step_row(s) for s in steps))
+
+    async def listen(self, wake: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """``LISTEN flux_due`` (see :mod:`._pg_listen`) unless made with ``listen=False``."""
+        if not self._listen:
+            return None
+
+        async def settings() -> tuple[str, dict[str, Any]]:
+            await self._db.open()
+            assert self._db.renew_settings is not None
+            return self._db.renew_settings
+
+        return Listener(settings, wake, name=repr(self)).close
 
     async def load_tail(self, run_id: str) -> RunRow | None:
         """The run with its snapshot and the step rows from the snapshot on (see
@@ -553,7 +441,10 @@ class PostgresStorage(Store):
             run = replace(run, idempotency_key=idempotency_key)
         lease = None if lease_owner is None else clamp_lease(lease_seconds)
         async with self._connection("start", run.id) as conn:
-            return await _q.start(conn, run, lease_owner, lease, input_hash)
+            started = await _q.start(conn, run, lease_owner, lease, input_hash)
+            if started.created and lease_owner is None:
+                await notify(conn)
+            return started
 
     async def claim_due(
         self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
@@ -578,7 +469,10 @@ class PostgresStorage(Store):
         """Append a signal to an unfinished run's inbox, its row locked first."""
         check_signal(run_id, name, payload, dedupe_key)
         async with self._connection("send_signal", run_id) as conn:
-            return await _q.send_signal(conn, run_id, name, payload, dedupe_key)
+            sent = await _q.send_signal(conn, run_id, name, payload, dedupe_key)
+            if sent.created:
+                await notify(conn)
+            return sent
 
     async def list_signals(self, run_id: str) -> list[SignalRow]:
         """Every inbox row of the run, by ``seq``."""
@@ -594,7 +488,10 @@ class PostgresStorage(Store):
         """Record a cancel or pause request (see :meth:`Store.request`)."""
         check_request_kind(kind)
         async with self._connection("request", run_id) as conn:
-            return await _q.request(conn, run_id, kind, reason)
+            asked = await _q.request(conn, run_id, kind, reason)
+            if asked:
+                await notify(conn)
+            return asked
 
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status (of workflow ``name``, or all)."""

@@ -173,3 +173,32 @@ async def test_a_client_refuses_bad_arguments(engines: Engines) -> None:
         assert await client.counts() == {}
     finally:
         await client.close()
+
+
+async def test_due_runs_are_claimed_by_priority(engines: Engines) -> None:
+    order: list[str] = []
+    flow = create_workflow("ranked").step("note", lambda ctx: order.append(ctx.input["tag"]))
+    client = await _client(engines)
+    try:
+        # Started before any worker runs, in an order that is not the priority order.
+        for tag, priority in (("low", -5), ("plain", 0), ("urgent", 100), ("high", 10)):
+            await client.start("ranked", {"tag": tag}, priority=priority)
+        with pytest.raises(InvalidArgumentError):
+            await client.start("ranked", {"tag": "x"}, priority=2**31)
+        with pytest.raises(InvalidArgumentError):
+            await client.start("ranked", {"tag": "x"}, priority=True)  # type: ignore[arg-type]
+        worker = await engines.open(max_concurrent_runs=1)
+        worker.register(flow)
+        await _until_counts(client, {"completed": 4})
+        assert order == ["urgent", "high", "plain", "low"]
+    finally:
+        await client.close()
+
+
+async def _until_counts(client: FluxClient, expected: dict[str, int]) -> None:
+    from sched_support import until
+
+    async def check() -> bool:
+        return await client.counts() == expected
+
+    await until(check, f"counts {expected}")
