@@ -64,12 +64,14 @@ class Listener:
                 )
                 async with conn:
                     await conn.execute("LISTEN " + CHANNEL)
+                    _log.debug(f"{self._name}: listening")
                     self.listening.set()
                     if failures:
                         _log.info(f"{self._name}: listening for wake-ups again")
                     failures = 0
                     self._wake()  # anything sent while it was not listening
                     async for _ in conn.notifies():
+                        _log.debug(f"{self._name}: wake-up")
                         self._wake()
             except asyncio.CancelledError:
                 raise

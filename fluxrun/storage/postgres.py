@@ -217,6 +217,8 @@ class PostgresStorage(Store):
                     f"a run with id {run.id!r} (or its idempotency key) already exists",
                     workflow_id=run.id,
                 ) from exc
+            if lease_owner is None:
+                await notify(conn)  # an unowned run is due for any engine
 
     async def apply(self, t: Transition) -> Applied:
         """Apply one transition atomically (a compare-and-set on version and fence).
