@@ -61,6 +61,7 @@ from .errors import (
     WorkflowNotFoundError,
     WorkflowNotSuspendedError,
 )
+from .storage._workers import WorkerInfo
 from .storage.memory import MemoryStorage
 from .storage.postgres import PostgresStorage
 from .storage.sqlite import SQLiteStorage
@@ -126,6 +127,7 @@ __all__ = [
     "UnknownWorkflowError",
     "WaitMarker",
     "WaitTimeoutError",
+    "WorkerInfo",
     "Workflow",
     "WorkflowBuilder",
     "WorkflowContext",

@@ -24,6 +24,7 @@ from ._registry import FlowLike, Registry
 from ._retry import seconds
 from .errors import DefinitionError, InvalidArgumentError
 from .storage._base import Store
+from .storage._workers import WorkerInfo
 
 __all__ = ["FluxClient"]
 
@@ -183,6 +184,11 @@ class FluxClient:
             name = text_arg(name, "workflow name")
         await self._engine._ensure_ready()
         return await self.storage.counts(name)
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """The engines and workers that drive (or drove) runs on this store (see
+        :meth:`FluxEngine.workers`)."""
+        return await self._engine.workers()
 
     async def attempts(self, run_id: str) -> builtins.list[StepAttempt]:
         """Every attempt of every step and compensation of a run (see

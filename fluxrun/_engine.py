@@ -40,6 +40,7 @@ from .errors import (
     WorkflowNotFoundError,
 )
 from .storage._base import ListQuery, RunRow, Store
+from .storage._workers import WorkerInfo
 from .storage.memory import MemoryStorage
 
 __all__ = ["FlowLike", "FluxEngine"]
@@ -545,6 +546,12 @@ class FluxEngine(RunControl):
             )
         )
         return [to_state(r, self._spec_for(r.name)) for r in rows]
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """The engines that run (or ran) a scheduler on this store, most recent first: host,
+        pid, workflows, runs held, start and last heartbeat (the store's clock)."""
+        await self._ensure_ready()
+        return await self._store.list_workers()
 
     async def attempts(self, run_id: str) -> builtins.list[StepAttempt]:
         """Every attempt of every step and compensation of a run, in the order they started.

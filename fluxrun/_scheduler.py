@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import socket
+import time
 from typing import Any
 
 from ._records import FluxResult
 from ._runtime import Runtime
+from .storage._workers import WorkerBeat
 
 __all__ = ["Scheduler"]
 
@@ -55,6 +59,8 @@ class Scheduler:
         # Held from a claim until its runs are in ``inflight``: recover() never misses the
         # runs of a pass of the loop that was claiming when it looked.
         self._claiming = asyncio.Lock()
+        # When this engine next records its heartbeat (time.monotonic()).
+        self._next_beat = 0.0
         runtime.on_idle = self.wake
         runtime.on_drive_end = self._drive_ended
 
@@ -118,11 +124,36 @@ class Scheduler:
         except Exception as exc:
             self._rt.emitter.log.warning(f"no wake-ups from the store ({exc!r}); polling only")
             unlisten = None
+        await self._beat()
         try:
             await self._loop()
         finally:
             if unlisten is not None:
                 await unlisten()
+            try:
+                await self._rt.store.worker_stopped(self._rt.settings.owner)
+            except Exception as exc:  # observation only: never fail a close on it
+                self._rt.emitter.log.debug(f"could not record the worker's stop: {exc!r}")
+
+    async def _beat(self) -> None:
+        """Record this engine in the store's worker table (at most every third of a lease)."""
+        rt = self._rt
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + rt.settings.lease_seconds / 3
+        beat = WorkerBeat(
+            id=rt.settings.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            workflows=tuple(rt.registry.names),
+            concurrency=self._max,
+            runs_held=len(rt.active.keys() | self.inflight.keys()),
+        )
+        try:
+            await rt.store.record_worker(beat)
+        except Exception as exc:  # observation only: the loop reports a store that is down
+            rt.emitter.log.debug(f"could not record the worker's heartbeat: {exc!r}")
 
     async def _loop(self) -> None:
         errors = 0
@@ -131,6 +162,7 @@ class Scheduler:
             try:
                 claimed = await self.claim_pass()
                 errors = 0
+                await self._beat()
                 if claimed and self.free() > 0:
                     continue
                 wait = await self._idle_wait()

@@ -32,6 +32,7 @@ from ..errors import (
     LeaseLostError,
     RunBusyError,
 )
+from ._workers import WorkerBeat, WorkerInfo
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -541,6 +542,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """How many runs (of workflow ``name``, or all) are in each status (absent: 0)."""
+
+    # -- workers (observation only) ---------------------------------------------------------
+
+    async def record_worker(self, beat: WorkerBeat) -> None:  # noqa: B027 (optional)
+        """Record ``beat`` (insert, or refresh the heartbeat of) the worker ``beat.id``,
+        marking it running. The default keeps nothing (a store may not track workers)."""
+
+    async def worker_stopped(self, worker_id: str) -> None:  # noqa: B027 (optional)
+        """Mark the worker stopped now (it stopped cleanly)."""
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        return []
 
 
 def check_transition(run: RunRow, t: Transition, now: dt.datetime) -> None:

@@ -44,6 +44,7 @@ from ._limits import (
 )
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
+from ._workers import WorkerBeat, WorkerInfo
 
 __all__ = ["MemoryStorage"]
 
@@ -136,6 +137,7 @@ class MemoryStorage(Store):
         if not callable(clock):
             raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
         self._runs: dict[str, _Run] = {}
+        self._workers: dict[str, WorkerInfo] = {}
         self._keys: dict[tuple[str, str], str] = {}  # (name, idempotency key) -> run id
         self._lock = threading.Lock()
         self._seq = 0
@@ -514,6 +516,37 @@ class MemoryStorage(Store):
             if stronger_request(entry.row.requested, kind):
                 entry.row = _replace(entry.row, requested=kind, request_reason=reason)
             return True
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
+        with self._lock:
+            now = self._now()
+            old = self._workers.get(beat.id)
+            self._workers[beat.id] = WorkerInfo(
+                id=beat.id,
+                host=beat.host,
+                pid=beat.pid,
+                workflows=beat.workflows,
+                concurrency=beat.concurrency,
+                runs_held=beat.runs_held,
+                started_at=now if old is None else old.started_at,
+                heartbeat_at=now,
+            )
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark a worker stopped now."""
+        with self._lock:
+            old = self._workers.get(worker_id)
+            if old is not None:
+                now = self._now()
+                self._workers[worker_id] = dataclasses.replace(
+                    old, heartbeat_at=now, stopped_at=now
+                )
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: (-w.heartbeat_at.timestamp(), w.id))
 
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status (of workflow ``name``, or all)."""

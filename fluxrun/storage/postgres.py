@@ -22,6 +22,7 @@ from ..errors import StorageError as _StorageError
 from . import _pg_apply as _apply
 from . import _pg_sched as _q
 from . import _pg_tail as _tail
+from . import _workers as _w
 from ._base import (
     FINISHED_STATUSES,
     RECOVERABLE_STATUSES,
@@ -64,11 +65,13 @@ from ._pg import (
     rowcount,
     run_row,
     step_row,
+    utc,
 )
 from ._pg_connect import LeaseRenewer, PgPool, transaction
 from ._pg_listen import Listener, notify
 from ._sched import check_signal
 from ._sqlplan import patch_sets
+from ._workers import WorkerBeat, WorkerInfo, beat_params, worker_from
 
 if TYPE_CHECKING:
     import psycopg
@@ -499,6 +502,21 @@ class PostgresStorage(Store):
         """Runs by status (of workflow ``name``, or all)."""
         async with self._connection("counts") as conn:
             return await _q.counts(conn, name)
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record a worker's heartbeat, by the database's clock."""
+        async with self._connection("record_worker") as conn:
+            await conn.execute(_w.PG_RECORD, beat_params(beat))
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark a worker stopped now."""
+        async with self._connection("worker_stopped") as conn:
+            await conn.execute(_w.PG_STOPPED, (worker_id,))
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        async with self._connection("list_workers") as conn:
+            return [worker_from(r, utc) for r in await fetchall(conn, _w.LIST)]
 
     def __repr__(self) -> str:
         where = redact(self._dsn) if self._dsn is not None else "pool"

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
+from . import _workers as _w
 from ._base import (
     RECOVERABLE_STATUSES,
     Applied,
@@ -62,6 +63,7 @@ from ._sqlite_sql import (
     step_row,
     to_micros,
 )
+from ._workers import WorkerBeat, WorkerInfo, beat_params, worker_from
 
 __all__ = ["BootClock", "SQLiteStorage", "from_micros", "to_micros"]
 
@@ -572,6 +574,23 @@ class SQLiteStorage(Store):
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status (of workflow ``name``, or all)."""
         return await self._run(lambda conn: _q.counts(conn, name), "counts")
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
+        now = self._clock.wall_us()
+        params = (*beat_params(beat), now, now)
+        await self._run(lambda conn: conn.execute(_w.SQLITE_RECORD, params), "record_worker")
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark a worker stopped now."""
+        now = self._clock.wall_us()
+        params = (now, now, worker_id)
+        await self._run(lambda conn: conn.execute(_w.SQLITE_STOPPED, params), "worker_stopped")
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        rows = await self._run(lambda conn: conn.execute(_w.LIST).fetchall(), "list_workers")
+        return [worker_from(r, from_micros) for r in rows]
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check`` and return its answer (``"ok"`` when healthy)."""

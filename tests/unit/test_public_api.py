@@ -53,6 +53,7 @@ EXPECTED_ALL = [
     "UnknownWorkflowError",
     "WaitMarker",
     "WaitTimeoutError",
+    "WorkerInfo",
     "Workflow",
     "WorkflowBuilder",
     "WorkflowContext",
