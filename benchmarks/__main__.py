@@ -6,7 +6,9 @@ with ~100 KB of ``ctx.data``; 4 PostgreSQL store beside raw psycopg inserts (wit
 5 lateness of durable timers beside bare ``asyncio.sleep``; 6 what sleeping runs hold in a
 process (RSS, tasks, threads) beside the process before; 7 kill -9 to the first step of a
 new engine (SQLite, and PostgreSQL with a DSN) beside the lease; 8 what continuing a run
-costs (a signal) as its history grows, beside a raw SQLite commit.
+costs (a signal) as its history grows, beside a raw SQLite commit; 10 (hosts) 1, 2 and 4
+``fluxrun worker`` processes in network namespaces on one PostgreSQL, a worker killed and
+the database restarted mid-run (a throwaway server of its own).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import fluxrun
 from ._common import Report, Sizes
 from ._continue import run_continue
 from ._memory import run_memory
+from ._multihost import run_hosts
 from ._postgres import DSN_ENV, run_postgres, throwaway_server
 from ._profile import run_profile
 from ._restart import run_restart
@@ -40,6 +43,7 @@ SECTIONS = (
     "sleepers",
     "restart",
     "continue",
+    "hosts",
 )
 _USES_PG = ("postgres", "timers", "restart")
 
@@ -147,6 +151,8 @@ async def _sections(
         ok = await run_restart(report, sizes, dsn) and ok
     if "continue" in wanted:
         await run_continue(report, sizes)
+    if "hosts" in wanted:
+        ok = await run_hosts(report, 20 if sizes.repeats == 1 else 2000) and ok
     if args.profile:
         await run_profile(report, 200 if args.quick else 2000)
     return ok
