@@ -15,6 +15,7 @@ same with fewer runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -273,6 +274,8 @@ async def proof(
 ) -> tuple[list[Case], str | None]:
     """Every case; and why the hosts are loopback processes, if they are."""
     cases: list[Case] = []
+    # The client's pool says it drops the connections the restart broke: expected here.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     with proof_setup(max(worker_counts)) as (server, made, workdir):
         for count in worker_counts:
             cases.append(
