@@ -6,13 +6,11 @@ local scheduler); the scheduler, or the caller through ``execute``, drives the r
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import decode, encode
+from ._codec import decode, encode, input_hash
 from ._context import MAX_WAIT_SECONDS
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
@@ -52,13 +50,6 @@ class NewRun:
     typed: Any
     plain: Any
     input_hash: str
-
-
-def _input_hash(text: str) -> str:
-    # Key order does not make two inputs different (the same order from two processes may
-    # be built in another order).
-    canonical = json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def prepare_run(
@@ -101,7 +92,7 @@ def prepare_run(
         run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
     )
-    hashed = _input_hash(input_text) if run_id is not None or idempotency_key else ""
+    hashed = input_hash(input_text) if run_id is not None or idempotency_key else ""
     return NewRun(row=row, typed=typed, plain=plain, input_hash=hashed)
 
 

@@ -36,6 +36,7 @@ EXPECTED_ALL = [
     "RunBusyError",
     "RunHandle",
     "SQLiteStorage",
+    "ScheduleInfo",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",
