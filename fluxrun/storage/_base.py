@@ -355,8 +355,7 @@ FINISHED_STATUSES: tuple[str, ...] = (
 
 class Store(ScheduleVerbs, abc.ABC):
     """A backend the engine runs on. Every method is safe to call from one event loop;
-    :meth:`renew_leases` is called from a separate thread. The schedule verbs are
-    :class:`~fluxrun.storage._schedules.ScheduleVerbs`."""
+    :meth:`renew_leases` is called from a separate thread (schedules: ScheduleVerbs)."""
 
     #: Whether several processes can share this store (leases then matter across them).
     shared: bool = False

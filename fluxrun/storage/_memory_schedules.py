@@ -88,8 +88,10 @@ class MemorySchedules(Store):
                 ),
                 key=lambda s: (s.next_at, s.id),
             )
-            for row in due[:limit]:
-                firing = plan(row, now)
+            # Every plan first: a plan that raises leaves everything as it was, as the
+            # SQL stores' rollback does.
+            planned = [(row, plan(row, now)) for row in due[:limit]]
+            for row, firing in planned:
                 if firing is None:
                     continue
                 created = False

@@ -189,6 +189,27 @@ async def test_a_plan_of_none_leaves_the_schedule_due(schedules: Store) -> None:
     assert sum((await schedules.counts()).values()) == 0
 
 
+async def test_a_pass_that_fails_changes_nothing(schedules: Store) -> None:
+    # The second schedule's plan fails after the first's run was planned (and, in the SQL
+    # stores, inserted): the whole pass is undone, so no tick is half fired.
+    await schedules.put_schedule(sched("s1", next_at=PAST))
+    await schedules.put_schedule(sched("s2", next_at=LATER))
+    good = Plan(to=FUTURE)
+
+    def plan(row: ScheduleRow, now: dt.datetime) -> Firing | None:
+        if row.id == "s2":
+            raise RuntimeError("plan failed")
+        return good(row, now)
+
+    with pytest.raises(RuntimeError, match="plan failed"):
+        await schedules.fire_schedules(["wf"], 10, plan)
+    assert sum((await schedules.counts()).values()) == 0
+    assert [(r.next_at, r.last_tick) for r in await schedules.list_schedules()] == [
+        (PAST, None),
+        (LATER, None),
+    ]
+
+
 async def test_racing_stores_fire_a_tick_once(schedules: Store, others: list[Store]) -> None:
     for i in range(6):
         await schedules.put_schedule(sched(f"s{i}"))
