@@ -157,6 +157,7 @@ class ScheduleVerbs:
         ``next_at`` order, ``plan(row, now)`` says what firing it is; the store inserts the
         firing's run (nothing if its workflow has a run with the run's idempotency key) and
         sets ``next_at`` and ``last_tick = tick``, in the same transaction. Rows another
-        transaction is firing are skipped, never waited for or fired twice.
+        transaction is firing are skipped, never waited for or fired twice. If ``plan``
+        raises, nothing of the pass is written and the error propagates.
         """
         return FiredSchedules()
