@@ -23,7 +23,7 @@ from ._records import WorkflowStatus
 from ._registry import FlowLike, Registry
 from ._runtime import Runtime
 from ._state import revive_input
-from ._ticks import Catchup, tick_rule
+from ._ticks import tick_rule
 from .errors import InvalidArgumentError
 from .storage._base import RunRow, Store
 from .storage._schedules import FiredSchedules, Firing, ScheduleRow
@@ -95,7 +95,6 @@ class _Planner:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self.failed: list[tuple[str, Exception]] = []
-        self.catchups: dict[str, Catchup] = {}
 
     def __call__(self, row: ScheduleRow, now: dt.datetime) -> Firing | None:
         try:
@@ -109,7 +108,6 @@ class _Planner:
         assert row.next_at is not None  # due rows have one
         every = None if row.every_us is None else row.every_us / 1e6
         caught = tick_rule(row.cron, every, row.timezone).catch_up(row.next_at, now)
-        self.catchups[row.id] = caught
         definition = self._rt.registry[row.name]
         made = utcnow()
         run = RunRow(
