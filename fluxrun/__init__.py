@@ -29,6 +29,7 @@ from ._records import (
     WorkflowStatus,
 )
 from ._retry import RetryPolicy
+from ._schedules import ScheduleInfo
 from ._sync import SyncFluxEngine
 from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
 from ._whole_state_storage import WorkflowStorage
@@ -110,6 +111,7 @@ __all__ = [
     "RunBusyError",
     "RunHandle",
     "SQLiteStorage",
+    "ScheduleInfo",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",

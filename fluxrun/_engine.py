@@ -27,6 +27,7 @@ from ._retry import RetryPolicy, seconds
 from ._runner import Settings
 from ._runtime import Runtime, is_final
 from ._scheduler import Scheduler
+from ._schedules import ScheduleControl
 from ._state import to_state
 from ._trace import Emitter
 from ._whole_state_storage import WholeStateStorageAdapter, is_whole_state_storage
@@ -49,7 +50,7 @@ _NO_TIMEOUT_RETRY = RetryPolicy()
 _MAX_LEASE = 7 * 86400.0
 
 
-class FluxEngine(RunControl):
+class FluxEngine(RunControl, ScheduleControl):
     """Runs workflows durably on a store.
 
     Args:

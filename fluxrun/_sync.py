@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
+import datetime as dt
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
@@ -10,6 +12,7 @@ from typing import Any, TypeVar
 
 from ._engine import FlowLike, FluxEngine
 from ._records import FluxResult, StepAttempt, WorkflowFilter, WorkflowState
+from ._schedules import ScheduleInfo
 from .errors import InvalidStateError
 
 __all__ = ["SyncFluxEngine"]
@@ -95,6 +98,32 @@ class SyncFluxEngine:
     def delete(self, run_id: str) -> bool:
         """Delete a run (see :meth:`FluxEngine.delete`)."""
         return self._call(self.engine.delete(run_id))
+
+    def schedule(
+        self,
+        id: str,
+        cron: str | None = None,
+        flow: FlowLike | None = None,
+        input: Any = None,
+        *,
+        every: dt.timedelta | float | None = None,
+        timezone: str = "UTC",
+        enabled: bool = True,
+    ) -> str:
+        """Store a schedule (see :meth:`FluxEngine.schedule`)."""
+        return self._call(
+            self.engine.schedule(
+                id, cron, flow, input, every=every, timezone=timezone, enabled=enabled
+            )
+        )
+
+    def unschedule(self, id: str) -> bool:
+        """Delete a schedule (see :meth:`FluxEngine.unschedule`)."""
+        return self._call(self.engine.unschedule(id))
+
+    def list_schedules(self) -> builtins.list[ScheduleInfo]:
+        """Every stored schedule (see :meth:`FluxEngine.list_schedules`)."""
+        return self._call(self.engine.list_schedules())
 
     def close(self, *, timeout: float = 10.0) -> None:
         """Close the engine and stop the background loop (see :meth:`FluxEngine.close`)."""

@@ -32,6 +32,7 @@ from ..errors import (
     LeaseLostError,
     RunBusyError,
 )
+from ._schedules import ScheduleVerbs
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -358,9 +359,9 @@ FINISHED_STATUSES: tuple[str, ...] = (
 """Statuses of runs that are over: no signal, request or claim applies to them."""
 
 
-class Store(abc.ABC):
+class Store(ScheduleVerbs, abc.ABC):
     """A backend the engine runs on. Every method is safe to call from one event loop;
-    :meth:`renew_leases` is called from a separate thread."""
+    :meth:`renew_leases` is called from a separate thread (schedules: ScheduleVerbs)."""
 
     #: Whether several processes can share this store (leases then matter across them).
     shared: bool = False

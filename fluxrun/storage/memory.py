@@ -42,6 +42,7 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
+from ._memory_schedules import MemorySchedules
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
 
@@ -121,7 +122,7 @@ class _Run:
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(Store):
+class MemoryStorage(MemorySchedules, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -135,6 +136,7 @@ class MemoryStorage(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         if not callable(clock):
             raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
+        super().__init__()  # the schedules
         self._runs: dict[str, _Run] = {}
         self._keys: dict[tuple[str, str], str] = {}  # (name, idempotency key) -> run id
         self._lock = threading.Lock()

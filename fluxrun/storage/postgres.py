@@ -67,6 +67,7 @@ from ._pg import (
 )
 from ._pg_connect import LeaseRenewer, PgPool, transaction
 from ._pg_listen import Listener, notify
+from ._pg_schedules import PostgresSchedules
 from ._sched import check_signal
 from ._sqlplan import patch_sets
 
@@ -87,7 +88,7 @@ def _same(value: dt.datetime | None) -> dt.datetime | None:
 _MIGRATION_LOCK = 28829699412227438
 
 
-class PostgresStorage(Store):
+class PostgresStorage(PostgresSchedules, Store):
     """Durable store in a PostgreSQL database, shared by any number of processes.
 
     A step commit is one statement (one round trip, one commit): the run's update is a

@@ -52,6 +52,7 @@ from ._sqlite_lease import (
     expire_dead_owners,
     system_boot_clock,
 )
+from ._sqlite_schedules import SQLiteSchedules
 from ._sqlite_sql import (
     RUN_SELECT,
     STEP_SELECT,
@@ -74,7 +75,7 @@ def _about(run_id: str | None) -> str:
     return "" if run_id is None else f" of run {run_id!r}"
 
 
-class SQLiteStorage(Store):
+class SQLiteStorage(SQLiteSchedules, Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a

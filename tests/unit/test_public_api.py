@@ -37,6 +37,7 @@ EXPECTED_ALL = [
     "RunBusyError",
     "RunHandle",
     "SQLiteStorage",
+    "ScheduleInfo",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",
