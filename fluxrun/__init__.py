@@ -6,6 +6,7 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
+from ._batches import BatchHandle, BatchItemResult, BatchProgress, BatchResult
 from ._context import Flux, SleepMarker, WaitMarker, WorkflowContext, sleep, sleep_until, wait
 from ._control import RunHandle
 from ._definition import (
@@ -32,6 +33,7 @@ from ._sync import SyncFluxEngine
 from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
 from ._whole_state_storage import WorkflowStorage
 from .errors import (
+    BatchItemNotRunError,
     CommittedStepError,
     CompensationError,
     ConcurrentModificationError,
@@ -81,6 +83,11 @@ def _publish(names: list[str]) -> None:
 
 
 __all__ = [
+    "BatchHandle",
+    "BatchItemNotRunError",
+    "BatchItemResult",
+    "BatchProgress",
+    "BatchResult",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",

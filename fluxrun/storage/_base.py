@@ -32,6 +32,7 @@ from ..errors import (
     LeaseLostError,
     RunBusyError,
 )
+from ._batch import BatchStore
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -352,7 +353,7 @@ FINISHED_STATUSES: tuple[str, ...] = (
 """Statuses of runs that are over: no signal, request or claim applies to them."""
 
 
-class Store(abc.ABC):
+class Store(BatchStore, abc.ABC):
     """A backend the engine runs on. Every method is safe to call from one event loop;
     :meth:`renew_leases` is called from a separate thread."""
 

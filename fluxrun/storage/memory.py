@@ -33,6 +33,7 @@ from ._base import (
     stronger_request,
     transition_error,
 )
+from ._batch import BatchRow
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -42,6 +43,7 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
+from ._memory_batch import MemoryBatches
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
 
@@ -59,6 +61,8 @@ class _Run:
         "_patch",
         "_row",
         "attempts",
+        "batch_id",
+        "batch_index",
         "input_hash",
         "seq",
         "signals",
@@ -77,6 +81,8 @@ class _Run:
         self.signals: list[SignalRow] = []  # seq n is at index n - 1
         self.input_hash = input_hash
         self.snapshot: Snapshot | None = None
+        self.batch_id: str | None = None
+        self.batch_index = 0
 
     @property
     def row(self) -> RunRow:
@@ -116,12 +122,23 @@ class _Run:
                 )
         return False
 
+    def gated(self) -> bool:
+        """Whether this is a batch item that has not started: the batch's claim takes it
+        (within the batch's concurrency), not the plain one."""
+        r = self.row
+        return (
+            self.batch_id is not None
+            and r.status == "pending"
+            and r.owner is None
+            and r.requested is None
+        )
+
     def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
         r = self.row
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(Store):
+class MemoryStorage(MemoryBatches, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -140,6 +157,7 @@ class MemoryStorage(Store):
         self._lock = threading.Lock()
         self._seq = 0
         self._clock = clock
+        self._batches: dict[str, BatchRow] = {}
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), _UTC)
@@ -436,21 +454,17 @@ class MemoryStorage(Store):
         with self._lock:
             now = self._now()
             wanted = set(names)
-            due = [e for e in self._runs.values() if e.row.name in wanted and e.due(now)]
+            due = [
+                e
+                for e in self._runs.values()
+                if e.row.name in wanted and e.due(now) and not e.gated()
+            ]
             due.sort(key=_Run.claim_order)
             until = lease_expiry(now, lease_seconds)
-            claimed = []
-            for e in due[:limit]:
-                r = e.row
-                e.row = _replace(
-                    r,
-                    owner=owner,
-                    lease_until=until,
-                    fence=r.fence + 1,
-                    claims=r.claims + 1,
-                    version=r.version + 1,
-                )
-                claimed.append(e.row)
+            claimed = [_claim(e, owner, until) for e in due[:limit]]
+            if len(claimed) < limit and self._batches:
+                picked = self._batch_items(wanted, limit - len(claimed), now)
+                claimed += [_claim(e, owner, until) for e in picked]
             return claimed
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
@@ -521,6 +535,19 @@ class MemoryStorage(Store):
                 if name is None or e.row.name == name:
                     found[e.row.status] = found.get(e.row.status, 0) + 1
             return found
+
+
+def _claim(e: _Run, owner: str, until: dt.datetime) -> RunRow:
+    r = e.row
+    e.row = _replace(
+        r,
+        owner=owner,
+        lease_until=until,
+        fence=r.fence + 1,
+        claims=r.claims + 1,
+        version=r.version + 1,
+    )
+    return e.row
 
 
 def _replace(row: RunRow, **changes: object) -> RunRow:

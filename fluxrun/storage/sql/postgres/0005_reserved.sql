@@ -1,0 +1,2 @@
+-- fluxrun schema 5 (PostgreSQL): reserved for durable schedules (built on another branch).
+-- This placeholder holds no statement; it keeps the numbering of 0006_batches.sql.

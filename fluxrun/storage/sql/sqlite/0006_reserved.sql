@@ -1,0 +1,2 @@
+-- fluxrun schema 6 (SQLite): reserved for durable schedules (built on another branch).
+-- This placeholder holds no statement; it keeps the numbering of 0007_batches.sql.
