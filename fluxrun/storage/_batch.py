@@ -30,6 +30,8 @@ __all__ = [
     "BATCH_CATEGORY_SQL",
     "BATCH_STATUSES",
     "FAILURE_STATUSES",
+    "GATED_SQL",
+    "HOLDS_SLOT_SQL",
     "NOT_RUN",
     "BatchRow",
     "BatchStore",
@@ -63,6 +65,15 @@ BATCH_CATEGORY_SQL = (
     "(wait_kind IS NULL OR wait_kind = 'signal')) THEN 'waiting' "
     "ELSE 'running' END"
 )
+
+
+GATED_SQL = "(batch_id IS NOT NULL AND status = 'pending' AND owner IS NULL AND requested IS NULL)"
+"""A batch item not started: only the batch's claim takes it (within its concurrency)."""
+
+HOLDS_SLOT_SQL = (
+    "(status IN ('running', 'rolling_back') OR (status = 'pending' AND owner IS NOT NULL))"
+)
+"""A run of a batch that takes one of its slots (``holds_slot`` in the memory store)."""
 
 
 def batch_category(status: str, wait_kind: str | None, owner: str | None) -> str:
