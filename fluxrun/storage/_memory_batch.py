@@ -26,7 +26,26 @@ from ._sched import not_found_error
 if TYPE_CHECKING:
     from .memory import _Run
 
-__all__ = ["MemoryBatches", "holds_slot"]
+__all__ = ["MemoryBatches", "claim_entry", "gated", "holds_slot"]
+
+
+def gated(r: RunRow) -> bool:
+    """Whether a run of a batch is an item not started: only the batch's claim takes it."""
+    return r.status == "pending" and r.owner is None and r.requested is None
+
+
+def claim_entry(e: _Run, owner: str, until: dt.datetime) -> RunRow:
+    """Claim one run (the lock held): owner, lease, ``fence``, ``claims``, ``version``."""
+    r = e.row
+    e.row = dataclasses.replace(
+        r,
+        owner=owner,
+        lease_until=until,
+        fence=r.fence + 1,
+        claims=r.claims + 1,
+        version=r.version + 1,
+    )
+    return e.row
 
 
 def holds_slot(status: str, owner: str | None) -> bool:

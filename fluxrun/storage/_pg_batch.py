@@ -180,6 +180,14 @@ async def claim_items(
         for batch_id, concurrency, go_on in batches:
             if len(picked) >= limit:
                 break
+            # Count first, then look for a failure: each statement sees the commits made
+            # before it starts, so a run that no longer holds a slot in the count has its
+            # failure (if it failed) seen by the check that follows.
+            busy = await fetchall(
+                conn,
+                "SELECT count(*) FROM flux_runs WHERE batch_id = %s AND " + HOLDS_SLOT_SQL,
+                (batch_id,),
+            )
             if not go_on:
                 failed = await fetchall(
                     conn,
@@ -191,11 +199,6 @@ async def claim_items(
                 if failed[0][0]:
                     await stop(conn, batch_id, "stopped")
                     continue
-            busy = await fetchall(
-                conn,
-                "SELECT count(*) FROM flux_runs WHERE batch_id = %s AND " + HOLDS_SLOT_SQL,
-                (batch_id,),
-            )
             free = min(concurrency - busy[0][0], limit - len(picked))
             if free <= 0:
                 continue

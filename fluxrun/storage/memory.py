@@ -43,7 +43,8 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
-from ._memory_batch import MemoryBatches
+from ._memory_batch import MemoryBatches, gated
+from ._memory_batch import claim_entry as _claim
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
 
@@ -123,15 +124,8 @@ class _Run:
         return False
 
     def gated(self) -> bool:
-        """Whether this is a batch item that has not started: the batch's claim takes it
-        (within the batch's concurrency), not the plain one."""
-        r = self.row
-        return (
-            self.batch_id is not None
-            and r.status == "pending"
-            and r.owner is None
-            and r.requested is None
-        )
+        """Whether this is a batch item not started (the batch's claim takes it)."""
+        return self.batch_id is not None and gated(self.row)
 
     def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
         r = self.row
@@ -535,19 +529,6 @@ class MemoryStorage(MemoryBatches, Store):
                 if name is None or e.row.name == name:
                     found[e.row.status] = found.get(e.row.status, 0) + 1
             return found
-
-
-def _claim(e: _Run, owner: str, until: dt.datetime) -> RunRow:
-    r = e.row
-    e.row = _replace(
-        r,
-        owner=owner,
-        lease_until=until,
-        fence=r.fence + 1,
-        claims=r.claims + 1,
-        version=r.version + 1,
-    )
-    return e.row
 
 
 def _replace(row: RunRow, **changes: object) -> RunRow:
