@@ -115,3 +115,13 @@ class _Quiet:
     def info(self, *a: Any) -> None: ...
     def warn(self, *a: Any) -> None: ...
     def error(self, *a: Any) -> None: ...
+
+
+def test_the_sync_facade_runs_batches() -> None:
+    from fluxrun import SyncFluxEngine
+
+    with SyncFluxEngine(logger=_Quiet()) as engine:
+        result = engine.execute_batch(FLOW, [{"n": 1, "fail": False}, {"n": 2, "fail": True}])
+        assert [r.status for r in result.results] == ["succeeded", "failed"]
+        many = engine.execute_many([(FLOW, {"n": 3, "fail": False})], concurrency=1)
+        assert many.succeeded == 1
