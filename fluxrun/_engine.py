@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
+from ._batches import Batches
 from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_SIZE
 from ._control import RunControl, opt_text, prepare_run, start_run
@@ -50,7 +51,7 @@ _NO_TIMEOUT_RETRY = RetryPolicy()
 _MAX_LEASE = 7 * 86400.0
 
 
-class FluxEngine(RunControl, ScheduleControl):
+class FluxEngine(RunControl, ScheduleControl, Batches):
     """Runs workflows durably on a store.
 
     Args:

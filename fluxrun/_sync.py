@@ -6,10 +6,11 @@ import asyncio
 import builtins
 import datetime as dt
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._batches import BatchResult
 from ._engine import FlowLike, FluxEngine
 from ._records import FluxResult, StepAttempt, WorkflowFilter, WorkflowState
 from ._schedules import ScheduleInfo
@@ -59,6 +60,15 @@ class SyncFluxEngine:
     def execute(self, flow: FlowLike, input: Any = None) -> FluxResult:
         """Start a run and drive it (see :meth:`FluxEngine.execute`)."""
         return self._call(self.engine.execute(flow, input))
+
+    def execute_batch(self, flow: FlowLike, inputs: Iterable[Any], **options: Any) -> BatchResult:
+        """Run a batch in the engine's process (see :meth:`FluxEngine.execute_batch`; a sync
+        ``on_progress`` runs on the engine's loop thread)."""
+        return self._call(self.engine.execute_batch(flow, inputs, **options))
+
+    def execute_many(self, items: Iterable[tuple[FlowLike, Any]], **options: Any) -> BatchResult:
+        """A batch of several workflows (see :meth:`FluxEngine.execute_many`)."""
+        return self._call(self.engine.execute_many(items, **options))
 
     def signal(self, flow: FlowLike, run_id: str, name: str, payload: Any = None) -> FluxResult:
         """Signal a suspended run (see :meth:`FluxEngine.signal`)."""

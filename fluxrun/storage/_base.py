@@ -32,6 +32,7 @@ from ..errors import (
     LeaseLostError,
     RunBusyError,
 )
+from ._batch import BatchStore
 from ._schedules import ScheduleVerbs
 
 __all__ = [
@@ -359,7 +360,7 @@ FINISHED_STATUSES: tuple[str, ...] = (
 """Statuses of runs that are over: no signal, request or claim applies to them."""
 
 
-class Store(ScheduleVerbs, abc.ABC):
+class Store(ScheduleVerbs, BatchStore, abc.ABC):
     """A backend the engine runs on. Every method is safe to call from one event loop;
     :meth:`renew_leases` is called from a separate thread (schedules: ScheduleVerbs)."""
 

@@ -33,6 +33,7 @@ from ._base import (
     stronger_request,
     transition_error,
 )
+from ._batch import BatchRow
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -42,6 +43,8 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
+from ._memory_batch import MemoryBatches, gated
+from ._memory_batch import claim_entry as _claim
 from ._memory_schedules import MemorySchedules
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
@@ -60,6 +63,8 @@ class _Run:
         "_patch",
         "_row",
         "attempts",
+        "batch_id",
+        "batch_index",
         "input_hash",
         "seq",
         "signals",
@@ -78,6 +83,8 @@ class _Run:
         self.signals: list[SignalRow] = []  # seq n is at index n - 1
         self.input_hash = input_hash
         self.snapshot: Snapshot | None = None
+        self.batch_id: str | None = None
+        self.batch_index = 0
 
     @property
     def row(self) -> RunRow:
@@ -117,12 +124,16 @@ class _Run:
                 )
         return False
 
+    def gated(self) -> bool:
+        """Whether this is a batch item not started (the batch's claim takes it)."""
+        return self.batch_id is not None and gated(self.row)
+
     def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
         r = self.row
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(MemorySchedules, Store):
+class MemoryStorage(MemorySchedules, MemoryBatches, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -142,6 +153,7 @@ class MemoryStorage(MemorySchedules, Store):
         self._lock = threading.Lock()
         self._seq = 0
         self._clock = clock
+        self._batches: dict[str, BatchRow] = {}
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), _UTC)
@@ -440,21 +452,17 @@ class MemoryStorage(MemorySchedules, Store):
         with self._lock:
             now = self._now()
             wanted = set(names)
-            due = [e for e in self._runs.values() if e.row.name in wanted and e.due(now)]
+            due = [
+                e
+                for e in self._runs.values()
+                if e.row.name in wanted and e.due(now) and not e.gated()
+            ]
             due.sort(key=_Run.claim_order)
             until = lease_expiry(now, lease_seconds)
-            claimed = []
-            for e in due[:limit]:
-                r = e.row
-                e.row = _replace(
-                    r,
-                    owner=owner,
-                    lease_until=until,
-                    fence=r.fence + 1,
-                    claims=r.claims + 1,
-                    version=r.version + 1,
-                )
-                claimed.append(e.row)
+            claimed = [_claim(e, owner, until) for e in due[:limit]]
+            if len(claimed) < limit and self._batches:
+                picked = self._batch_items(wanted, limit - len(claimed), now)
+                claimed += [_claim(e, owner, until) for e in picked]
             return claimed
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:

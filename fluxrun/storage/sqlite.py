@@ -45,6 +45,7 @@ from ._limits import (
 from ._migrations import migrations
 from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
+from ._sqlite_batch import SQLiteBatches, batch_items
 from ._sqlite_lease import (
     RENEW_LEASE,
     BootClock,
@@ -75,7 +76,7 @@ def _about(run_id: str | None) -> str:
     return "" if run_id is None else f" of run {run_id!r}"
 
 
-class SQLiteStorage(SQLiteSchedules, Store):
+class SQLiteStorage(SQLiteSchedules, SQLiteBatches, Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a
@@ -527,7 +528,7 @@ class SQLiteStorage(SQLiteSchedules, Store):
             if not names or not limit:
                 return []
             expire_dead_owners(conn, self._clock)
-            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds)
+            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds, batch_items)
 
         return await self._run(claim, "claim")
 
@@ -573,6 +574,9 @@ class SQLiteStorage(SQLiteSchedules, Store):
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status (of workflow ``name``, or all)."""
         return await self._run(lambda conn: _q.counts(conn, name), "counts")
+
+    def _wall_us(self) -> int:
+        return self._clock.wall_us()
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check`` and return its answer (``"ok"`` when healthy)."""

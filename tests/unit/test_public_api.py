@@ -9,6 +9,11 @@ import pytest
 import fluxrun
 
 EXPECTED_ALL = [
+    "BatchHandle",
+    "BatchItemNotRunError",
+    "BatchItemResult",
+    "BatchProgress",
+    "BatchResult",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
