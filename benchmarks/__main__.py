@@ -6,7 +6,10 @@ with ~100 KB of ``ctx.data``; 4 PostgreSQL store beside raw psycopg inserts (wit
 5 lateness of durable timers beside bare ``asyncio.sleep``; 6 what sleeping runs hold in a
 process (RSS, tasks, threads) beside the process before; 7 kill -9 to the first step of a
 new engine (SQLite, and PostgreSQL with a DSN) beside the lease; 8 what continuing a run
-costs (a signal) as its history grows, beside a raw SQLite commit.
+costs (a signal) as its history grows, beside a raw SQLite commit; 9 storing a durable batch
+of 10,000 items in bulk (SQLite, and PostgreSQL with a DSN) beside plain bulk inserts; 10
+(hosts) 1, 2 and 4 ``fluxrun worker`` processes in network namespaces on one PostgreSQL, a
+worker killed and the database restarted mid-run (a throwaway server of its own).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from collections.abc import Sequence
 
 import fluxrun
 
+from ._batches import run_batches
 from ._common import Report, Sizes
 from ._continue import run_continue
 from ._memory import run_memory
+from ._multihost import run_hosts
 from ._postgres import DSN_ENV, run_postgres, throwaway_server
 from ._profile import run_profile
 from ._restart import run_restart
@@ -40,8 +45,10 @@ SECTIONS = (
     "sleepers",
     "restart",
     "continue",
+    "batches",
+    "hosts",
 )
-_USES_PG = ("postgres", "timers", "restart")
+_USES_PG = ("postgres", "timers", "restart", "batches")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,12 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pg-dsn",
         default=os.environ.get(DSN_ENV) or None,
-        help=f"PostgreSQL DSN for sections 4, 5 and 7 (default: env {DSN_ENV})",
+        help=f"PostgreSQL DSN for sections 4, 5, 7 and 9 (default: env {DSN_ENV})",
     )
     parser.add_argument(
         "--pg-start",
         action="store_true",
-        help="start a throwaway PostgreSQL server (tests/_pgserver.py) for sections 4, 5 and 7",
+        help="start a throwaway PostgreSQL server (tests/_pgserver.py) for sections 4, 5, 7, 9",
     )
     parser.add_argument(
         "--profile",
@@ -147,6 +154,10 @@ async def _sections(
         ok = await run_restart(report, sizes, dsn) and ok
     if "continue" in wanted:
         await run_continue(report, sizes)
+    if "batches" in wanted:
+        ok = await run_batches(report, sizes, dsn) and ok
+    if "hosts" in wanted:
+        ok = await run_hosts(report, 20 if sizes.repeats == 1 else 2000) and ok
     if args.profile:
         await run_profile(report, 200 if args.quick else 2000)
     return ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import uuid
@@ -115,8 +116,22 @@ async def _async_floor_batch(conn: Any, table: str, batch: str, inserts: int) ->
         await conn.execute(sql, (batch, i, _PAYLOAD))
 
 
+async def _concurrent_floor(pool: Any, table: str, batch: str, workflows: int) -> None:
+    """``workflows`` coroutines at once, each awaiting one autocommit INSERT per step over a
+    shared pool: what 200 runs in flight would cost with nothing but their commits."""
+
+    async def one(w: int) -> None:
+        sql = _insert_sql(table)
+        for i in range(STEPS):
+            async with pool.connection() as conn:
+                await conn.execute(sql, (f"{batch}-{w}", i, _PAYLOAD))
+
+    await asyncio.gather(*(one(w) for w in range(workflows)))
+
+
 @dataclass
 class _Samples:
+    concurrent_floor: list[float] = field(default_factory=list)
     floor: list[float] = field(default_factory=list)
     async_floor: list[float] = field(default_factory=list)
     sequential: list[float] = field(default_factory=list)
@@ -160,10 +175,21 @@ async def _measure(dsn: str, sizes: Sizes) -> _Samples:
                     samples.sequential.append(
                         await timed_async(lambda: run_sequential(engine, flow, n))
                     )
-                for _ in range(sizes.in_flight_repeats):
-                    samples.in_flight.append(
-                        await timed_async(lambda: run_in_flight(engine, flow, k))
-                    )
+                from psycopg_pool import AsyncConnectionPool
+
+                async with AsyncConnectionPool(
+                    dsn, min_size=10, max_size=10, kwargs={"autocommit": True}, open=False
+                ) as pool:
+                    await pool.open(wait=True)
+                    for r in range(sizes.in_flight_repeats):
+                        samples.concurrent_floor.append(
+                            await timed_async(
+                                lambda r=r: _concurrent_floor(pool, table, f"cc-{r}", k)
+                            )
+                        )
+                        samples.in_flight.append(
+                            await timed_async(lambda: run_in_flight(engine, flow, k))
+                        )
         finally:
             floor.execute(f"DROP TABLE IF EXISTS {table}")
     return samples
@@ -229,6 +255,21 @@ async def _postgres(report: Report, sizes: Sizes, dsn: str | None) -> bool:
         in_flight=k,
         flight_wf=flight_wf,
         flight_repeats=sizes.in_flight_repeats,
+    )
+    cc_wf = k / best_time(samples.concurrent_floor)
+    report.row(
+        f"floor: {k:,} workflows' INSERTs at once",
+        fmt_rate(cc_wf),
+        "workflows/s",
+        f"{STEPS} autocommit INSERTs each, over a pool of 10 connections",
+    )
+    report.target(
+        "postgres in flight vs concurrent floor",
+        flight_wf >= cc_wf,
+        f"engine {k:,} in flight, share of that floor",
+        f"{flight_wf / cc_wf:.0%}",
+        "",
+        "target ≥ 100%",
     )
     report.target(
         "postgres in flight",

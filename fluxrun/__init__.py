@@ -6,6 +6,7 @@ signals; run them durably on embedded SQLite (or PostgreSQL, or in memory).
 
 from __future__ import annotations
 
+from ._batches import BatchHandle, BatchItemResult, BatchProgress, BatchResult
 from ._client import FluxClient
 from ._context import Flux, SleepMarker, WaitMarker, WorkflowContext, sleep, sleep_until, wait
 from ._control import RunHandle
@@ -29,10 +30,12 @@ from ._records import (
     WorkflowStatus,
 )
 from ._retry import RetryPolicy
+from ._schedules import ScheduleInfo
 from ._sync import SyncFluxEngine
 from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
 from ._whole_state_storage import WorkflowStorage
 from .errors import (
+    BatchItemNotRunError,
     CommittedStepError,
     CompensationError,
     ConcurrentModificationError,
@@ -83,6 +86,11 @@ def _publish(names: list[str]) -> None:
 
 
 __all__ = [
+    "BatchHandle",
+    "BatchItemNotRunError",
+    "BatchItemResult",
+    "BatchProgress",
+    "BatchResult",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
@@ -111,6 +119,7 @@ __all__ = [
     "RunBusyError",
     "RunHandle",
     "SQLiteStorage",
+    "ScheduleInfo",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import importlib
 import json
 import math
@@ -54,6 +55,7 @@ __all__ = [
     "decode",
     "encode",
     "fingerprint",
+    "input_hash",
     "object_text",
     "revive",
     "validate_text",
@@ -347,3 +349,10 @@ def fingerprint(value: Any) -> bytes | None:
         return pickle.dumps(value, protocol=5)
     except Exception:  # unpicklable (a class defined in a function, say): treat as changed
         return None
+
+
+def input_hash(text: str) -> str:
+    """A digest of stored input text that two equal inputs share, whatever their key order
+    (two processes may build one input in different orders): idempotent starts compare it."""
+    canonical = json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()

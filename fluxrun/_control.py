@@ -6,13 +6,11 @@ local scheduler); the scheduler, or the caller through ``execute``, drives the r
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import decode, encode
+from ._codec import decode, encode, input_hash
 from ._context import MAX_WAIT_SECONDS
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
@@ -37,7 +35,6 @@ __all__ = [
     "RunControl",
     "RunHandle",
     "check_priority",
-    "input_hash",
     "opt_text",
     "prepare_run",
     "request_run",
@@ -54,14 +51,6 @@ class NewRun:
     typed: Any
     plain: Any
     input_hash: str
-
-
-def input_hash(text: str) -> str:
-    """What tells two inputs of one idempotent start apart."""
-    # Key order does not make two inputs different (the same order from two processes may
-    # be built in another order).
-    canonical = json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def prepare_run(

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from ._actions import list_attempts, resume_run, signal_run, skip_compensation
+from ._batches import Batches
 from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_SIZE
 from ._control import RunControl, opt_text, prepare_run, start_run
@@ -27,6 +28,7 @@ from ._retry import RetryPolicy, seconds
 from ._runner import Settings
 from ._runtime import Runtime, is_final
 from ._scheduler import Scheduler
+from ._schedules import ScheduleControl
 from ._state import to_state
 from ._trace import Emitter
 from ._whole_state_storage import WholeStateStorageAdapter, is_whole_state_storage
@@ -50,7 +52,7 @@ _NO_TIMEOUT_RETRY = RetryPolicy()
 _MAX_LEASE = 7 * 86400.0
 
 
-class FluxEngine(RunControl):
+class FluxEngine(RunControl, ScheduleControl, Batches):
     """Runs workflows durably on a store.
 
     Args:

@@ -46,7 +46,8 @@ def prepare_named_run(
         InvalidInputError: the input cannot be stored.
         InvalidArgumentError: ``delay`` is longer than 100 years.
     """
-    from ._control import NewRun, input_hash
+    from ._codec import input_hash
+    from ._control import NewRun
 
     if delay is not None and delay > MAX_WAIT_SECONDS:
         raise InvalidArgumentError(f"delay must be at most 100 years, got {delay:g} seconds")

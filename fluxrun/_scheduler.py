@@ -7,14 +7,21 @@ or a cancel or pause asked of it. The store decides that (``claim_due``, by its 
 and hands each claimed run to exactly one claimer; the loop keeps at most
 ``max_concurrent_runs`` runs in flight (runs started here count too).
 
-Between passes the loop sleeps until the earliest timer (``next_due``), a local wake-up
-(a run started, signalled or released in this process, a slot freed), or the poll interval,
-whichever comes first; the poll is the net that catches other processes' work.
+Each pass first fires the stored schedules of the registered workflows that are due
+(:func:`fluxrun._schedules.fire_due`: one store transaction starts each tick's run and moves
+the schedule past it), when the earliest schedule's tick has come or a poll interval has
+passed since it last looked (another process may have stored a schedule).
+
+Between passes the loop sleeps until the earliest timer (``next_due``) or schedule tick, a
+local wake-up (a run started, signalled or released in this process, a slot freed, a
+schedule stored), or the poll interval, whichever comes first; the poll is the net that
+catches other processes' work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import os
 import socket
@@ -23,6 +30,7 @@ from typing import Any
 
 from ._records import FluxResult
 from ._runtime import Runtime
+from ._schedules import FIRE_LIMIT, fire_due
 from .storage._workers import WorkerBeat
 
 __all__ = ["Scheduler"]
@@ -59,6 +67,11 @@ class Scheduler:
         # Held from a claim until its runs are in ``inflight``: recover() never misses the
         # runs of a pass of the loop that was claiming when it looked.
         self._claiming = asyncio.Lock()
+        # Schedules: the earliest next tick seen (None: none), when the loop last looked
+        # (loop time; None: look at the next pass), and the ids whose failure was logged.
+        self._tick_at: dt.datetime | None = None
+        self._ticks_seen: float | None = None
+        self._tick_warned: set[str] = set()
         # When this engine next records its heartbeat (time.monotonic()).
         self._next_beat = 0.0
         runtime.on_idle = self.wake
@@ -88,6 +101,36 @@ class Scheduler:
     def wake(self) -> None:
         """Look for due runs now (something became due or a slot freed up)."""
         self._wake.set()
+
+    def schedules_changed(self) -> None:
+        """A schedule was stored here: look at the schedules at the next pass, now."""
+        self._ticks_seen = None
+        self._wake.set()
+
+    async def fire_schedules(self) -> None:
+        """Fire the due schedules, if one may be due (see the module); never raises."""
+        rt = self._rt
+        names = rt.registry.names
+        now = rt.settings.clock.now()
+        looked = asyncio.get_running_loop().time()
+        if not names or (
+            self._ticks_seen is not None
+            and looked - self._ticks_seen < rt.poll_interval
+            and (self._tick_at is None or self._tick_at > now)
+        ):
+            return
+        self._ticks_seen = looked
+        try:
+            done, stuck = await fire_due(rt, names, self._tick_warned)
+        except Exception as exc:
+            # Runs must still be claimed when schedules cannot fire; look again at the poll.
+            self._tick_at = None
+            rt.emitter.log.error("firing schedules failed; retrying", exc)
+            return
+        # A schedule that cannot fire here stays due: look again at the poll, not at once.
+        self._tick_at = None if stuck else done.next_at
+        if len(done.fired) >= FIRE_LIMIT:
+            self._ticks_seen = None  # more may be due: a pass fires at most FIRE_LIMIT
 
     def _drive_ended(self, timer: bool) -> None:
         # A plain run ending wakes nobody (no claim pass per run on the fast path); a run
@@ -159,6 +202,8 @@ class Scheduler:
         errors = 0
         while not self._stopping:
             self._wake.clear()
+            if not self._stopping:
+                await self.fire_schedules()
             try:
                 claimed = await self.claim_pass()
                 errors = 0
@@ -214,6 +259,9 @@ class Scheduler:
         if not names:
             return poll
         due = await self._rt.store.next_due(names)
+        tick = self._tick_at
+        if tick is not None and (due is None or tick < due):
+            due = tick
         if due is None:
             return poll
         left = (due - self._rt.settings.clock.now()).total_seconds()

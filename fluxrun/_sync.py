@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
+import datetime as dt
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._batches import BatchResult
 from ._engine import FlowLike, FluxEngine
 from ._records import FluxResult, StepAttempt, WorkflowFilter, WorkflowState
+from ._schedules import ScheduleInfo
 from .errors import InvalidStateError
 
 __all__ = ["SyncFluxEngine"]
@@ -57,6 +61,15 @@ class SyncFluxEngine:
         """Start a run and drive it (see :meth:`FluxEngine.execute`)."""
         return self._call(self.engine.execute(flow, input))
 
+    def execute_batch(self, flow: FlowLike, inputs: Iterable[Any], **options: Any) -> BatchResult:
+        """Run a batch in the engine's process (see :meth:`FluxEngine.execute_batch`; a sync
+        ``on_progress`` runs on the engine's loop thread)."""
+        return self._call(self.engine.execute_batch(flow, inputs, **options))
+
+    def execute_many(self, items: Iterable[tuple[FlowLike, Any]], **options: Any) -> BatchResult:
+        """A batch of several workflows (see :meth:`FluxEngine.execute_many`)."""
+        return self._call(self.engine.execute_many(items, **options))
+
     def signal(self, flow: FlowLike, run_id: str, name: str, payload: Any = None) -> FluxResult:
         """Signal a suspended run (see :meth:`FluxEngine.signal`)."""
         return self._call(self.engine.signal(flow, run_id, name, payload))
@@ -95,6 +108,32 @@ class SyncFluxEngine:
     def delete(self, run_id: str) -> bool:
         """Delete a run (see :meth:`FluxEngine.delete`)."""
         return self._call(self.engine.delete(run_id))
+
+    def schedule(
+        self,
+        id: str,
+        cron: str | None = None,
+        flow: FlowLike | None = None,
+        input: Any = None,
+        *,
+        every: dt.timedelta | float | None = None,
+        timezone: str = "UTC",
+        enabled: bool = True,
+    ) -> str:
+        """Store a schedule (see :meth:`FluxEngine.schedule`)."""
+        return self._call(
+            self.engine.schedule(
+                id, cron, flow, input, every=every, timezone=timezone, enabled=enabled
+            )
+        )
+
+    def unschedule(self, id: str) -> bool:
+        """Delete a schedule (see :meth:`FluxEngine.unschedule`)."""
+        return self._call(self.engine.unschedule(id))
+
+    def list_schedules(self) -> builtins.list[ScheduleInfo]:
+        """Every stored schedule (see :meth:`FluxEngine.list_schedules`)."""
+        return self._call(self.engine.list_schedules())
 
     def close(self, *, timeout: float = 10.0) -> None:
         """Close the engine and stop the background loop (see :meth:`FluxEngine.close`)."""

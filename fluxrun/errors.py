@@ -22,6 +22,7 @@ The tree::
     ├── StepTimeoutError                an attempt ran past its timeout
     ├── WaitTimeoutError                a wait(name, timeout=...) saw no signal in time
     ├── IdempotencyConflictError        a start reused an idempotency key with another input
+    ├── BatchItemNotRunError            a batch item never started: the batch stopped first
     ├── NonRetryableError               raised by a step to skip its remaining attempts
     ├── CompensationError               a compensation failed after its retries
     ├── ConcurrentModificationError     a write was based on a stale version
@@ -39,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BatchItemNotRunError",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
@@ -203,6 +205,12 @@ class WaitTimeoutError(FluxError, TimeoutError):
 class IdempotencyConflictError(FluxError):
     """A start named an idempotency key (or run id) already used by a run of the same
     workflow with a different input; nothing was started."""
+
+
+class BatchItemNotRunError(FluxError):
+    """The error of a batch item that never started: its batch stopped on an earlier item's
+    failure (``continue_on_error=False``) or was cancelled first. It is reported, never
+    raised; ``workflow_id`` names the item's run for a durable batch (stored ``cancelled``)."""
 
 
 class NonRetryableError(FluxError):

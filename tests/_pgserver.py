@@ -160,6 +160,8 @@ class PostgresServer:
     port: int
     run_as: pwd.struct_passwd | None = None
     startup_seconds: float = 0.0
+    #: Addresses it listens on besides 127.0.0.1 (test hosts' veth ends: see tests/_hosts.py).
+    extra_hosts: tuple[str, ...] = ()
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -228,6 +230,18 @@ class PostgresServer:
                 self._kill_postmaster()
         shutil.rmtree(self.basedir, ignore_errors=True)
 
+    def _listen(self) -> str:
+        return ",".join((_HOST, *self.extra_hosts))
+
+    def serve_subnet(self, addresses: Sequence[str], subnet: str) -> None:
+        """Also listen on ``addresses`` and trust clients from ``subnet`` (the test hosts of
+        tests/_hosts.py); restarts the server on the same port."""
+        with open(self.datadir / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {subnet} trust\n")
+        self.extra_hosts = tuple(addresses)
+        self._pg(["pg_ctl", "stop", "-w", "-t", "60", "-m", "fast", "-D", self.datadir])
+        self.restart()
+
     def crash(self) -> None:
         """Stop the server as a crash would (``pg_ctl stop -m immediate``): no shutdown
         checkpoint, every connection cut."""
@@ -236,7 +250,7 @@ class PostgresServer:
     def restart(self) -> None:
         """Start the server again on the same port (after :meth:`crash`): it recovers."""
         settings = " ".join(f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items())
-        options = f"-h {_HOST} -p {self.port} -k {self.socketdir} {settings}"
+        options = f"-h {self._listen()} -p {self.port} -k {self.socketdir} {settings}"
         self._pg(
             [
                 "pg_ctl",
@@ -291,7 +305,7 @@ class PostgresServer:
         for _ in range(_START_ATTEMPTS):
             # The port may be taken between free_port() and the server binding it: retry.
             self.port = free_port()
-            options = f"-h {_HOST} -p {self.port} -k {self.socketdir} {settings}"
+            options = f"-h {self._listen()} -p {self.port} -k {self.socketdir} {settings}"
             try:
                 self._pg(
                     [

@@ -32,7 +32,9 @@ from ..errors import (
     LeaseLostError,
     RunBusyError,
 )
-from ._workers import WorkerBeat, WorkerInfo
+from ._batch import BatchStore
+from ._schedules import ScheduleVerbs
+from ._workers import WorkerVerbs
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -359,9 +361,9 @@ FINISHED_STATUSES: tuple[str, ...] = (
 """Statuses of runs that are over: no signal, request or claim applies to them."""
 
 
-class Store(abc.ABC):
+class Store(ScheduleVerbs, BatchStore, WorkerVerbs, abc.ABC):
     """A backend the engine runs on. Every method is safe to call from one event loop;
-    :meth:`renew_leases` is called from a separate thread."""
+    :meth:`renew_leases` is called from a separate thread (schedules: ScheduleVerbs)."""
 
     #: Whether several processes can share this store (leases then matter across them).
     shared: bool = False
@@ -542,19 +544,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """How many runs (of workflow ``name``, or all) are in each status (absent: 0)."""
-
-    # -- workers (observation only) ---------------------------------------------------------
-
-    async def record_worker(self, beat: WorkerBeat) -> None:  # noqa: B027 (optional)
-        """Record ``beat`` (insert, or refresh the heartbeat of) the worker ``beat.id``,
-        marking it running. The default keeps nothing (a store may not track workers)."""
-
-    async def worker_stopped(self, worker_id: str) -> None:  # noqa: B027 (optional)
-        """Mark the worker stopped now (it stopped cleanly)."""
-
-    async def list_workers(self) -> list[WorkerInfo]:
-        """Every worker recorded, the most recent heartbeat first."""
-        return []
 
 
 def check_transition(run: RunRow, t: Transition, now: dt.datetime) -> None:

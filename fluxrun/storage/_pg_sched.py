@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StorageError as _StorageError
 from ._base import FINISHED_STATUSES, RunRow, SignalRow, SignalSent, Started
+from ._batch import GATED_SQL
 from ._pg import NEW_LEASE, RUN_SELECT, UNOWNED, fetchall, run_row, utc
 from ._pg_connect import transaction
 from ._rows import RUN_COLUMNS, signal_from
@@ -51,7 +52,9 @@ _CLAIM = (
     "OR (status = 'suspended' AND (run_after <= now() OR (wait_kind = 'signal' AND EXISTS ("
     "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id "
     "AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL))))) "
-    "ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), seq "
+    "AND NOT "
+    + GATED_SQL
+    + " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), seq "
     "LIMIT %(limit)s::bigint FOR NO KEY UPDATE SKIP LOCKED), "
     "u AS (UPDATE flux_runs SET owner = %(owner)s, "
     "lease_until = " + NEW_LEASE.replace("%s", "%(lease)s") + ", fence = fence + 1, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from ._base import (
     Transition,
     transition_error,
 )
+from ._batch import GATED_SQL
 from ._rows import (
     ATTEMPT_COLUMNS,
     RUN_COLUMNS,
@@ -116,8 +117,8 @@ _DUE = (
     " OR (status = 'suspended' AND (run_after <= ? OR (wait_kind = 'signal' AND EXISTS ("
     "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id"
     " AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL)))))"
-    " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), rowid"
-    " LIMIT ?"
+    " AND NOT " + GATED_SQL + " ORDER BY owner IS NULL, priority DESC,"
+    " coalesce(run_after, created_at), rowid LIMIT ?"
 )
 _CLAIM = (
     "UPDATE flux_runs SET owner = ?, "
@@ -364,8 +365,10 @@ def claim_due(
     limit: int,
     clock: LeaseClock,
     lease_seconds: float,
+    more: Callable[[sqlite3.Connection, Sequence[str], int, int], list[str]] | None = None,
 ) -> list[RunRow]:
-    """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order."""
+    """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order; ``more``
+    adds ids to claim after them (the batch items, within their batches' limits)."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
     now = clock.now()  # with the write lock held: a wait for it cannot shorten the leases
     expired, params = clock.expired(now)
@@ -376,8 +379,10 @@ def claim_due(
         (json.dumps(list(names)), *params, now.wall, now.wall, limit),
     )
     ids = [r[0] for r in selected.fetchall()]
+    if len(ids) < limit and more is not None:
+        ids += more(conn, names, limit - len(ids), now.wall)
     if not ids:
-        conn.execute("ROLLBACK")
+        conn.execute("COMMIT")  # a batch may have been stopped
         return []
     lease = clock.lease(now, lease_seconds)
     claimed = conn.execute(_CLAIM, (owner, *lease, json.dumps(ids)))

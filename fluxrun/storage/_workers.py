@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 __all__ = [
     "LIST",
@@ -17,11 +19,22 @@ __all__ = [
     "SQLITE_RECORD",
     "SQLITE_STOPPED",
     "WORKER_COLUMNS",
+    "MemoryWorkers",
+    "SQLiteWorkers",
     "WorkerBeat",
     "WorkerInfo",
+    "WorkerVerbs",
     "beat_params",
     "worker_from",
 ]
+
+
+T = TypeVar("T")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _from_micros(value: int | None) -> dt.datetime | None:
+    return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +121,84 @@ PG_RECORD = (
 )
 PG_STOPPED = "UPDATE flux_workers SET stopped_at = now(), heartbeat_at = now() WHERE id = %s"
 LIST = "SELECT " + WORKER_COLUMNS + " FROM flux_workers ORDER BY heartbeat_at DESC, id"
+
+
+class WorkerVerbs:
+    """The worker table's part of :class:`~fluxrun.storage.Store` (observation only)."""
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record ``beat`` (insert, or refresh the heartbeat of) the worker ``beat.id``,
+        marking it running. The default keeps nothing (a store may not track workers)."""
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark the worker stopped now (it stopped cleanly)."""
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        return []
+
+
+class MemoryWorkers(WorkerVerbs):
+    """:class:`WorkerVerbs` of :class:`~fluxrun.storage.MemoryStorage`."""
+
+    _lock: threading.Lock
+    _workers: dict[str, WorkerInfo]
+
+    def _now(self) -> dt.datetime:
+        raise NotImplementedError
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
+        with self._lock:
+            now = self._now()
+            old = self._workers.get(beat.id)
+            self._workers[beat.id] = WorkerInfo(
+                id=beat.id,
+                host=beat.host,
+                pid=beat.pid,
+                workflows=beat.workflows,
+                concurrency=beat.concurrency,
+                runs_held=beat.runs_held,
+                started_at=now if old is None else old.started_at,
+                heartbeat_at=now,
+            )
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark a worker stopped now."""
+        with self._lock:
+            old = self._workers.get(worker_id)
+            if old is not None:
+                now = self._now()
+                self._workers[worker_id] = replace(old, heartbeat_at=now, stopped_at=now)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: (-w.heartbeat_at.timestamp(), w.id))
+
+
+class SQLiteWorkers(WorkerVerbs):
+    """:class:`WorkerVerbs` of :class:`~fluxrun.storage.SQLiteStorage`."""
+
+    def _wall_us(self) -> int:
+        raise NotImplementedError
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        raise NotImplementedError
+
+    async def record_worker(self, beat: WorkerBeat) -> None:
+        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
+        now = self._wall_us()
+        params = (*beat_params(beat), now, now)
+        await self._run(lambda conn: conn.execute(SQLITE_RECORD, params), "record_worker")
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark a worker stopped now."""
+        now = self._wall_us()
+        params = (now, now, worker_id)
+        await self._run(lambda conn: conn.execute(SQLITE_STOPPED, params), "worker_stopped")
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker recorded, the most recent heartbeat first."""
+        rows = await self._run(lambda conn: conn.execute(LIST).fetchall(), "list_workers")
+        return [worker_from(r, _from_micros) for r in rows]

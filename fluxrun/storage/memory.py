@@ -33,6 +33,7 @@ from ._base import (
     stronger_request,
     transition_error,
 )
+from ._batch import BatchRow
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -42,9 +43,12 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
+from ._memory_batch import MemoryBatches, gated
+from ._memory_batch import claim_entry as _claim
+from ._memory_schedules import MemorySchedules
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
-from ._workers import WorkerBeat, WorkerInfo
+from ._workers import MemoryWorkers, WorkerInfo
 
 __all__ = ["MemoryStorage"]
 
@@ -60,6 +64,8 @@ class _Run:
         "_patch",
         "_row",
         "attempts",
+        "batch_id",
+        "batch_index",
         "input_hash",
         "seq",
         "signals",
@@ -78,6 +84,8 @@ class _Run:
         self.signals: list[SignalRow] = []  # seq n is at index n - 1
         self.input_hash = input_hash
         self.snapshot: Snapshot | None = None
+        self.batch_id: str | None = None
+        self.batch_index = 0
 
     @property
     def row(self) -> RunRow:
@@ -117,12 +125,16 @@ class _Run:
                 )
         return False
 
+    def gated(self) -> bool:
+        """Whether this is a batch item not started (the batch's claim takes it)."""
+        return self.batch_id is not None and gated(self.row)
+
     def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
         r = self.row
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(Store):
+class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -136,12 +148,14 @@ class MemoryStorage(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         if not callable(clock):
             raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
+        super().__init__()  # the schedules
         self._runs: dict[str, _Run] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._keys: dict[tuple[str, str], str] = {}  # (name, idempotency key) -> run id
         self._lock = threading.Lock()
         self._seq = 0
         self._clock = clock
+        self._batches: dict[str, BatchRow] = {}
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), _UTC)
@@ -440,21 +454,17 @@ class MemoryStorage(Store):
         with self._lock:
             now = self._now()
             wanted = set(names)
-            due = [e for e in self._runs.values() if e.row.name in wanted and e.due(now)]
+            due = [
+                e
+                for e in self._runs.values()
+                if e.row.name in wanted and e.due(now) and not e.gated()
+            ]
             due.sort(key=_Run.claim_order)
             until = lease_expiry(now, lease_seconds)
-            claimed = []
-            for e in due[:limit]:
-                r = e.row
-                e.row = _replace(
-                    r,
-                    owner=owner,
-                    lease_until=until,
-                    fence=r.fence + 1,
-                    claims=r.claims + 1,
-                    version=r.version + 1,
-                )
-                claimed.append(e.row)
+            claimed = [_claim(e, owner, until) for e in due[:limit]]
+            if len(claimed) < limit and self._batches:
+                picked = self._batch_items(wanted, limit - len(claimed), now)
+                claimed += [_claim(e, owner, until) for e in picked]
             return claimed
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
@@ -516,37 +526,6 @@ class MemoryStorage(Store):
             if stronger_request(entry.row.requested, kind):
                 entry.row = _replace(entry.row, requested=kind, request_reason=reason)
             return True
-
-    async def record_worker(self, beat: WorkerBeat) -> None:
-        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
-        with self._lock:
-            now = self._now()
-            old = self._workers.get(beat.id)
-            self._workers[beat.id] = WorkerInfo(
-                id=beat.id,
-                host=beat.host,
-                pid=beat.pid,
-                workflows=beat.workflows,
-                concurrency=beat.concurrency,
-                runs_held=beat.runs_held,
-                started_at=now if old is None else old.started_at,
-                heartbeat_at=now,
-            )
-
-    async def worker_stopped(self, worker_id: str) -> None:
-        """Mark a worker stopped now."""
-        with self._lock:
-            old = self._workers.get(worker_id)
-            if old is not None:
-                now = self._now()
-                self._workers[worker_id] = dataclasses.replace(
-                    old, heartbeat_at=now, stopped_at=now
-                )
-
-    async def list_workers(self) -> list[WorkerInfo]:
-        """Every worker recorded, the most recent heartbeat first."""
-        with self._lock:
-            return sorted(self._workers.values(), key=lambda w: (-w.heartbeat_at.timestamp(), w.id))
 
     async def counts(self, name: str | None = None) -> dict[str, int]:
         """Runs by status (of workflow ``name``, or all)."""

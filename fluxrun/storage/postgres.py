@@ -67,8 +67,10 @@ from ._pg import (
     step_row,
     utc,
 )
+from ._pg_batch import PgBatches, claim_items
 from ._pg_connect import LeaseRenewer, PgPool, transaction
 from ._pg_listen import Listener, notify
+from ._pg_schedules import PostgresSchedules
 from ._sched import check_signal
 from ._sqlplan import patch_sets
 from ._workers import WorkerBeat, WorkerInfo, beat_params, worker_from
@@ -90,7 +92,7 @@ def _same(value: dt.datetime | None) -> dt.datetime | None:
 _MIGRATION_LOCK = 28829699412227438
 
 
-class PostgresStorage(Store):
+class PostgresStorage(PostgresSchedules, PgBatches, Store):
     """Durable store in a PostgreSQL database, shared by any number of processes.
 
     A step commit is one statement (one round trip, one commit): the run's update is a
@@ -458,8 +460,12 @@ class PostgresStorage(Store):
         limit = row_limit(limit, "limit")
         if not names or not limit:
             return []
+        lease = clamp_lease(lease_seconds)
         async with self._connection("claim") as conn:
-            return await _q.claim_due(conn, owner, names, limit, clamp_lease(lease_seconds))
+            rows = await _q.claim_due(conn, owner, names, limit, lease)
+            if len(rows) < limit:  # then batch items, within their batches' limits
+                rows += await claim_items(conn, owner, names, limit - len(rows), lease)
+            return rows
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:
         """The earliest ``run_after`` among pending and suspended runs of these workflows."""

@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar
 from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
-from . import _workers as _w
 from ._base import (
     RECOVERABLE_STATUSES,
     Applied,
@@ -46,6 +45,7 @@ from ._limits import (
 from ._migrations import migrations
 from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
+from ._sqlite_batch import SQLiteBatches, batch_items
 from ._sqlite_lease import (
     RENEW_LEASE,
     BootClock,
@@ -53,6 +53,7 @@ from ._sqlite_lease import (
     expire_dead_owners,
     system_boot_clock,
 )
+from ._sqlite_schedules import SQLiteSchedules
 from ._sqlite_sql import (
     RUN_SELECT,
     STEP_SELECT,
@@ -63,7 +64,7 @@ from ._sqlite_sql import (
     step_row,
     to_micros,
 )
-from ._workers import WorkerBeat, WorkerInfo, beat_params, worker_from
+from ._workers import SQLiteWorkers
 
 __all__ = ["BootClock", "SQLiteStorage", "from_micros", "to_micros"]
 
@@ -76,7 +77,7 @@ def _about(run_id: str | None) -> str:
     return "" if run_id is None else f" of run {run_id!r}"
 
 
-class SQLiteStorage(Store):
+class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a
@@ -528,7 +529,7 @@ class SQLiteStorage(Store):
             if not names or not limit:
                 return []
             expire_dead_owners(conn, self._clock)
-            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds)
+            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds, batch_items)
 
         return await self._run(claim, "claim")
 
@@ -575,22 +576,8 @@ class SQLiteStorage(Store):
         """Runs by status (of workflow ``name``, or all)."""
         return await self._run(lambda conn: _q.counts(conn, name), "counts")
 
-    async def record_worker(self, beat: WorkerBeat) -> None:
-        """Record a worker's heartbeat (see :meth:`Store.record_worker`)."""
-        now = self._clock.wall_us()
-        params = (*beat_params(beat), now, now)
-        await self._run(lambda conn: conn.execute(_w.SQLITE_RECORD, params), "record_worker")
-
-    async def worker_stopped(self, worker_id: str) -> None:
-        """Mark a worker stopped now."""
-        now = self._clock.wall_us()
-        params = (now, now, worker_id)
-        await self._run(lambda conn: conn.execute(_w.SQLITE_STOPPED, params), "worker_stopped")
-
-    async def list_workers(self) -> list[WorkerInfo]:
-        """Every worker recorded, the most recent heartbeat first."""
-        rows = await self._run(lambda conn: conn.execute(_w.LIST).fetchall(), "list_workers")
-        return [worker_from(r, from_micros) for r in rows]
+    def _wall_us(self) -> int:
+        return self._clock.wall_us()
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check`` and return its answer (``"ok"`` when healthy)."""

@@ -58,6 +58,9 @@ def test_quick_run_prints_every_section() -> None:
         "8. continuing a run",
         "send_signal → next step",
         "signal() with its result",
+        "9. Batches: storing 100 items in bulk",
+        "SQLite: start_batch of 100 inputs",
+        "SQLite: floor: 100 plain rows in one transaction",
         "Targets:",
     ):
         assert text in out, f"{text!r} missing from:\n{out}"
@@ -87,7 +90,7 @@ def test_postgres_section_with_dsn(fresh_pg_dsn: str) -> None:
 
 
 def test_scheduler_sections_on_postgres(fresh_pg_dsn: str) -> None:
-    out = run_benchmarks("--only", "timers", "restart", "--pg-dsn", fresh_pg_dsn)
+    out = run_benchmarks("--only", "timers", "restart", "batches", "--pg-dsn", fresh_pg_dsn)
     assert "ERROR" not in out, out
     for text in (
         "5. Timers",
@@ -96,6 +99,7 @@ def test_scheduler_sections_on_postgres(fresh_pg_dsn: str) -> None:
         "7. Restart",
         "PostgreSQL: kill -9 to the first step",
         "lease 1s",
+        "PostgreSQL: start_batch of 100 inputs",
     ):
         assert text in out, f"{text!r} missing from:\n{out}"
 

@@ -542,7 +542,9 @@ async def test_hostile_strings_are_stored_and_filtered_exactly(
         )
         assert await cur.fetchall() == [
             ("flux_attempts",),
+            ("flux_batches",),
             ("flux_runs",),
+            ("flux_schedules",),
             ("flux_schema",),
             ("flux_signals",),
             ("flux_steps",),

@@ -66,6 +66,11 @@ def _sqlite_v1(path: str, upto: int = 1) -> None:
     conn.close()
 
 
+def _before_snapshots(dialect: str) -> int:
+    """The last schema version before the snapshot columns (later schemas follow it)."""
+    return next(m.version for m in migrations(dialect) if m.name.endswith("_snapshots.sql")) - 1
+
+
 def _sqlite_version(path: str) -> int:
     with sqlite3.connect(path) as conn:
         version: int = conn.execute("SELECT version FROM flux_schema").fetchone()[0]
@@ -392,7 +397,7 @@ def before_snapshots(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
     )
     if request.param == "sqlite":
         path = str(tmp_path / "v4.db")
-        upto = len(migrations("sqlite")) - 1
+        upto = _before_snapshots("sqlite")
         _sqlite_v1(path, upto=upto)
         with sqlite3.connect(path) as conn:
             conn.execute(run.replace("%s", "?"), (to_micros(T0), to_micros(T1)))
@@ -401,7 +406,7 @@ def before_snapshots(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
         assert _sqlite_version(path) == upto
         return (lambda: SQLiteStorage(path)), (lambda: _sqlite_version(path))
     dsn: str = request.getfixturevalue("fresh_pg_dsn")
-    upto = len(migrations("postgres")) - 1
+    upto = _before_snapshots("postgres")
     _postgres_v1(dsn, upto=upto)
     import psycopg
 

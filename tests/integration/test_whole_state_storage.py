@@ -272,3 +272,12 @@ async def test_errors_of_the_users_storage_name_the_run() -> None:
     with pytest.raises(StorageError) as info:
         await adapter.load("r9")
     assert info.value.workflow_id == "r9" and "'r9'" in str(info.value)
+
+
+async def test_batches_in_process_work_but_durable_ones_are_refused() -> None:
+    flow = create_workflow("wsb").step("a", lambda ctx: None)
+    async with FluxEngine(storage=DictStorage()) as engine:
+        result = await engine.execute_batch(flow, [1, 2, 3], concurrency=2)
+        assert [r.status for r in result.results] == ["succeeded"] * 3
+        with pytest.raises(StorageError, match="durable batches"):
+            await engine.start_batch(flow, [1])

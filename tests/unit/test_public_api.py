@@ -9,6 +9,11 @@ import pytest
 import fluxrun
 
 EXPECTED_ALL = [
+    "BatchHandle",
+    "BatchItemNotRunError",
+    "BatchItemResult",
+    "BatchProgress",
+    "BatchResult",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
@@ -37,6 +42,7 @@ EXPECTED_ALL = [
     "RunBusyError",
     "RunHandle",
     "SQLiteStorage",
+    "ScheduleInfo",
     "SchemaVersionError",
     "SerializationError",
     "SignalMismatchError",

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -209,3 +210,14 @@ def test_operator_actions_work_blocking(engine: SyncFluxEngine) -> None:
         ("a", "compensation", "failed"),
         ("a", "compensation", "skipped"),
     ]
+
+
+def test_schedules_blocking(engine: SyncFluxEngine) -> None:
+    flow = create_workflow("nightly").step("a", lambda ctx: None).build()
+    assert engine.schedule("n", "0 3 * * *", flow, {"x": 1}, timezone="Europe/Paris") == "n"
+    [info] = engine.list_schedules()
+    assert (info.id, info.workflow, info.cron) == ("n", "nightly", "0 3 * * *")
+    assert info.input == {"x": 1} and info.timezone == "Europe/Paris"
+    assert info.next_at is not None and info.next_at.astimezone(ZoneInfo("Europe/Paris")).hour == 3
+    assert engine.unschedule("n") is True
+    assert engine.list_schedules() == []
