@@ -547,8 +547,8 @@ async def test_hostile_strings_are_stored_and_filtered_exactly(
             ("flux_schedules",),
             ("flux_schema",),
             ("flux_signals",),
-            ("flux_workers",),
             ("flux_steps",),
+            ("flux_workers",),
         ]
 
 
