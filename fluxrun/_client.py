@@ -22,6 +22,7 @@ from ._options import naming, text_arg
 from ._records import StepAttempt, WorkflowFilter, WorkflowState
 from ._registry import FlowLike, Registry
 from ._retry import seconds
+from ._schedules import ScheduleInfo
 from .errors import DefinitionError, InvalidArgumentError
 from .storage._base import Store
 from .storage._workers import WorkerInfo
@@ -184,6 +185,32 @@ class FluxClient:
             name = text_arg(name, "workflow name")
         await self._engine._ensure_ready()
         return await self.storage.counts(name)
+
+    async def schedule(
+        self,
+        id: str,
+        cron: str | None = None,
+        workflow: str | FlowLike | None = None,
+        input: Any = None,
+        *,
+        every: dt.timedelta | float | None = None,
+        timezone: str = "UTC",
+        enabled: bool = True,
+    ) -> str:
+        """Store a schedule of ``workflow`` (its name, or the workflow itself) that the
+        workers fire (see :meth:`FluxEngine.schedule`); its input is checked by the engine
+        that starts each tick's run when given by name."""
+        return await self._engine.schedule(
+            id, cron, workflow, input, every=every, timezone=timezone, enabled=enabled
+        )
+
+    async def unschedule(self, id: str) -> bool:
+        """Delete a schedule (see :meth:`FluxEngine.unschedule`)."""
+        return await self._engine.unschedule(id)
+
+    async def list_schedules(self) -> builtins.list[ScheduleInfo]:
+        """Every stored schedule, by id."""
+        return await self._engine.list_schedules()
 
     async def workers(self) -> builtins.list[WorkerInfo]:
         """The engines and workers that drive (or drove) runs on this store (see

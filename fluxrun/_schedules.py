@@ -110,18 +110,22 @@ class _Planner:
         caught = tick_rule(row.cron, every, row.timezone).catch_up(row.next_at, now)
         definition = self._rt.registry[row.name]
         made = utcnow()
+        # A workflow with an input type checks a schedule's input when its run is taken (a
+        # schedule stored by name alone was not checked): the run starts without step names,
+        # like a client's start by name, and an input refused fails that run only.
+        checked = definition.input_spec is None
         run = RunRow(
             id=str(uuid.uuid4()),
             name=definition.name,
             status=WorkflowStatus.PENDING.value,
             input=row.input,
-            step_names=definition.step_names,
+            step_names=definition.step_names if checked else (),
             current_step=0,
             created_at=made,
             updated_at=made,
             version=1,
             fence=1,
-            definition_version=definition.version,
+            definition_version=definition.version if checked else None,
             idempotency_key=tick_key(row.id, caught.tick),
         )
         return Firing(
@@ -217,16 +221,24 @@ class ScheduleControl:
         if not isinstance(enabled, bool):
             raise InvalidArgumentError(f"enabled must be True or False, got {enabled!r}")
         rule = tick_rule(cron, every, timezone)
-        definition = self._registry.adopt(flow)
-        spec = definition.input_spec
-        typed = input if spec is None else spec.validate(input, definition.name)
-        plain = typed if spec is None else spec.to_plain(typed)
-        text = encode(plain, what="schedule input", max_size=self._runtime.settings.max_value_size)
+        limit = self._runtime.settings.max_value_size
+        if isinstance(flow, str) and flow not in self._registry:
+            # By name alone (a FluxClient, or a workflow only workers have): the input is
+            # stored as given; the engine that starts a tick's run checks it.
+            name = text_arg(flow, "workflow name")
+            text = encode(input, what="schedule input", max_size=limit)
+        else:
+            definition = self._registry.adopt(flow)
+            name = definition.name
+            spec = definition.input_spec
+            typed = input if spec is None else spec.validate(input, definition.name)
+            plain = typed if spec is None else spec.to_plain(typed)
+            text = encode(plain, what="schedule input", max_size=limit)
         await self._ensure_ready()
         first = rule.first_after(self._runtime.settings.clock.now())
         row = ScheduleRow(
             id=schedule_id,
-            name=definition.name,
+            name=name,
             cron=rule.cron,
             every_us=rule.every_us,
             timezone=timezone,

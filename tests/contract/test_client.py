@@ -202,3 +202,34 @@ async def _until_counts(client: FluxClient, expected: dict[str, int]) -> None:
         return await client.counts() == expected
 
     await until(check, f"counts {expected}")
+
+
+async def test_a_client_schedules_by_name_and_workers_fire_it(engines: Engines) -> None:
+    from datetime import timedelta
+
+    client = await _client(engines)
+    try:
+        await client.schedule("tick", workflow="order", input={"sku": "gum"}, every=0.2)
+        await client.schedule("bad", workflow="order", input={"nope": 1}, every=0.2)
+        [_bad, tick] = await client.list_schedules()
+        assert (tick.id, tick.workflow, tick.every) == ("tick", "order", timedelta(seconds=0.2))
+        log = Log()
+        worker = await engines.open()
+        worker.register(_order(log))
+        # A tick's run reserves, then waits for its approval; a refused input fails its run.
+        await _until_counts_at_least(client, {"suspended": 1, "failed": 1})
+        assert "reserve gum" in log.lines
+        assert await client.unschedule("tick") and await client.unschedule("bad")
+        assert await client.list_schedules() == []
+    finally:
+        await client.close()
+
+
+async def _until_counts_at_least(client: FluxClient, least: dict[str, int]) -> None:
+    from sched_support import until
+
+    async def check() -> bool:
+        counts = await client.counts()
+        return all(counts.get(k, 0) >= n for k, n in least.items())
+
+    await until(check, f"counts at least {least}")
