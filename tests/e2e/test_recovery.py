@@ -500,6 +500,12 @@ def _poll_in_thread(
     from when ``start_when()`` holds."""
 
     async def main() -> None:
+        # The engine starts only once ``start_when()`` holds: with workflows registered, its
+        # scheduler claims due runs as soon as it starts (before its first recover()).
+        while not stop.is_set() and not start_when():
+            await asyncio.sleep(0.05)
+        if stop.is_set():
+            return
         # Without recover, it only looks: an engine with no workflows registered has a
         # scheduler that claims nothing.
         engine = make_engine(db) if recover else FluxEngine(storage=store_on(db), lease=LEASE)
