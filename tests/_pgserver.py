@@ -249,24 +249,7 @@ class PostgresServer:
 
     def restart(self) -> None:
         """Start the server again on the same port (after :meth:`crash`): it recovers."""
-        settings = " ".join(f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items())
-        options = f"-h {self._listen()} -p {self.port} -k {self.socketdir} {settings}"
-        self._pg(
-            [
-                "pg_ctl",
-                "start",
-                "-w",
-                "-t",
-                str(_START_TIMEOUT_S),
-                "-D",
-                self.datadir,
-                "-l",
-                self.logfile,
-                "-o",
-                options,
-            ],
-            timeout=_START_TIMEOUT_S + 30,
-        )
+        self._pg_start()
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log, for error messages."""
@@ -300,35 +283,39 @@ class PostgresServer:
         )
 
     def _start(self) -> None:
-        settings = " ".join(f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items())
         last_error: PostgresServerError | None = None
         for _ in range(_START_ATTEMPTS):
             # The port may be taken between free_port() and the server binding it: retry.
             self.port = free_port()
-            options = f"-h {self._listen()} -p {self.port} -k {self.socketdir} {settings}"
             try:
-                self._pg(
-                    [
-                        "pg_ctl",
-                        "start",
-                        "-w",
-                        "-t",
-                        str(_START_TIMEOUT_S),
-                        "-D",
-                        self.datadir,
-                        "-l",
-                        self.logfile,
-                        "-o",
-                        options,
-                    ],
-                    timeout=_START_TIMEOUT_S + 30,
-                )
+                self._pg_start()
                 return
             except PostgresServerError as exc:
                 last_error = exc
                 self._kill_postmaster()
         assert last_error is not None
         raise last_error
+
+    def _pg_start(self) -> None:
+        """``pg_ctl start`` on ``self.port`` and the listen addresses; raise on failure."""
+        settings = " ".join(f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items())
+        options = f"-h {self._listen()} -p {self.port} -k {self.socketdir} {settings}"
+        self._pg(
+            [
+                "pg_ctl",
+                "start",
+                "-w",
+                "-t",
+                str(_START_TIMEOUT_S),
+                "-D",
+                self.datadir,
+                "-l",
+                self.logfile,
+                "-o",
+                options,
+            ],
+            timeout=_START_TIMEOUT_S + 30,
+        )
 
     def _create_database(self, dbname: str) -> None:
         import psycopg

@@ -16,7 +16,14 @@ from ._limits import row_limit
 from ._pg import fetchall, utc
 from ._pg_connect import transaction
 from ._pg_sched import insert_run
-from ._schedules import Fired, FiredSchedules, FirePlan, ScheduleRow, check_schedule_row
+from ._schedules import (
+    Fired,
+    FiredSchedules,
+    FirePlan,
+    ScheduleRow,
+    check_schedule_row,
+    schedule_from,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -50,19 +57,7 @@ _DUE = (
 
 
 def _row(r: Sequence[Any]) -> ScheduleRow:
-    return ScheduleRow(
-        id=r[0],
-        name=r[1],
-        cron=r[2],
-        every_us=r[3],
-        timezone=r[4],
-        input=r[5],
-        enabled=bool(r[6]),
-        next_at=utc(r[7]),
-        last_tick=utc(r[8]),
-        created_at=utc(r[9]),
-        updated_at=utc(r[10]),
-    )
+    return schedule_from(r, utc)
 
 
 class PostgresSchedules(Store):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError, StorageError
 
@@ -33,6 +33,7 @@ __all__ = [
     "ScheduleVerbs",
     "check_schedule_row",
     "same_schedule",
+    "schedule_from",
 ]
 
 
@@ -161,3 +162,21 @@ class ScheduleVerbs:
         raises, nothing of the pass is written and the error propagates.
         """
         return FiredSchedules()
+
+
+def schedule_from(r: Sequence[Any], when: Callable[[Any], Any]) -> ScheduleRow:
+    """A schedule row from values selected in the stores' column order (``when`` turns the
+    dialect's time value into a datetime)."""
+    return ScheduleRow(
+        id=r[0],
+        name=r[1],
+        cron=r[2],
+        every_us=r[3],
+        timezone=r[4],
+        input=r[5],
+        enabled=bool(r[6]),
+        next_at=when(r[7]),
+        last_tick=when(r[8]),
+        created_at=when(r[9]),
+        updated_at=when(r[10]),
+    )

@@ -32,6 +32,7 @@ from ._sqlite_sql import (
     duplicate,
     from_micros,
     run_row,
+    run_values,
     step_row,
     to_micros,
 )
@@ -54,34 +55,7 @@ _FAILED = "('" + "', '".join(FAILURE_STATUSES) + "')"
 
 def _run_values(run: RunRow, batch_id: str, index: int) -> tuple[Any, ...]:
     # An unowned new run (no lease, no claim), in RUN_COLUMNS order, then its place.
-    return (
-        run.id,
-        run.name,
-        run.definition_version,
-        run.status,
-        run.input,
-        json.dumps(list(run.step_names)),
-        run.current_step,
-        run.error,
-        to_micros(run.created_at),
-        to_micros(run.updated_at),
-        to_micros(run.completed_at),
-        run.version,
-        run.fence,
-        None,
-        None,
-        0,
-        run.wait_name,
-        to_micros(run.run_after),
-        run.wait_kind,
-        run.attempt,
-        run.requested,
-        run.request_reason,
-        run.priority,
-        run.idempotency_key,
-        batch_id,
-        index,
-    )
+    return (*run_values(run, None, None), batch_id, index)
 
 
 def _batch_row(r: Sequence[Any]) -> BatchRow:

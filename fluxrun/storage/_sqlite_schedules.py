@@ -14,7 +14,14 @@ from typing import Any, TypeVar
 
 from ._base import Store
 from ._limits import row_limit
-from ._schedules import Fired, FiredSchedules, FirePlan, ScheduleRow, check_schedule_row
+from ._schedules import (
+    Fired,
+    FiredSchedules,
+    FirePlan,
+    ScheduleRow,
+    check_schedule_row,
+    schedule_from,
+)
 from ._sqlite_lease import LeaseClock
 from ._sqlite_sql import from_micros, insert_run, to_micros
 
@@ -51,19 +58,7 @@ _NEXT = (
 
 
 def _row(r: Sequence[Any]) -> ScheduleRow:
-    return ScheduleRow(
-        id=r[0],
-        name=r[1],
-        cron=r[2],
-        every_us=r[3],
-        timezone=r[4],
-        input=r[5],
-        enabled=bool(r[6]),
-        next_at=from_micros(r[7]),
-        last_tick=from_micros(r[8]),
-        created_at=from_micros(r[9]),
-        updated_at=from_micros(r[10]),
-    )
+    return schedule_from(r, from_micros)
 
 
 class SQLiteSchedules(Store):

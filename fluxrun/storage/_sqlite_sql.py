@@ -63,6 +63,7 @@ __all__ = [
     "next_due",
     "request",
     "run_row",
+    "run_values",
     "send_signal",
     "start",
     "step_row",
@@ -282,6 +283,37 @@ def duplicate(exc: sqlite3.IntegrityError) -> bool:
     )
 
 
+def run_values(run: RunRow, owner: str | None, until: int | None) -> tuple[Any, ...]:
+    """A new run's values in ``RUN_COLUMNS`` order, owned by ``owner`` until ``until``
+    (microseconds; None: unowned)."""
+    return (
+        run.id,
+        run.name,
+        run.definition_version,
+        run.status,
+        run.input,
+        json.dumps(list(run.step_names)),
+        run.current_step,
+        run.error,
+        to_micros(run.created_at),
+        to_micros(run.updated_at),
+        to_micros(run.completed_at),
+        run.version,
+        run.fence,
+        owner,
+        until,
+        1 if owner else 0,
+        run.wait_name,
+        to_micros(run.run_after),
+        run.wait_kind,
+        run.attempt,
+        run.requested,
+        run.request_reason,
+        run.priority,
+        run.idempotency_key,
+    )
+
+
 def insert_run(
     conn: sqlite3.Connection,
     run: RunRow,
@@ -298,30 +330,7 @@ def insert_run(
     cur = conn.execute(
         sql,
         (
-            run.id,
-            run.name,
-            run.definition_version,
-            run.status,
-            run.input,
-            json.dumps(list(run.step_names)),
-            run.current_step,
-            run.error,
-            to_micros(run.created_at),
-            to_micros(run.updated_at),
-            to_micros(run.completed_at),
-            run.version,
-            run.fence,
-            owner,
-            until,
-            1 if owner else 0,
-            run.wait_name,
-            to_micros(run.run_after),
-            run.wait_kind,
-            run.attempt,
-            run.requested,
-            run.request_reason,
-            run.priority,
-            run.idempotency_key,
+            *run_values(run, owner, until),
             input_hash,
             boot,
             boot_until,
