@@ -5,8 +5,12 @@ namespaces cannot be made, said in the output).
 For 1, 2 and 4 workers: the throughput of ``runs`` runs of 10 steps started by a client.
 Then, with 2 workers: ``kill -9`` of one mid-run (its runs must finish on the other within
 one lease), and PostgreSQL stopped with ``-m immediate`` and restarted mid-run (the workers
-must reconnect and finish). Each case counts runs lost (not completed) and step results
-recorded twice (a step with more than one completed outcome): both must be 0.
+must reconnect and finish). Beside the runs, every case drives a workflow with a
+concurrency limit per key (``LIMIT`` runs of each of ``KEYS`` keys at once) and a schedule
+that fires every second. Each case counts runs lost (not completed), step results recorded
+twice (a step with more than one completed outcome), runs over their concurrency limit (the
+most runs of one key whose first step started before another's last step ended, beyond
+the limit) and schedule ticks fired twice: all must be 0.
 
 ``python -m benchmarks --only hosts`` prints the table; tests/e2e/test_multihost.py runs the
 same with fewer runs.
@@ -32,6 +36,8 @@ _TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 _HANG = 300.0
 STEPS = 10
 LEASE = 3.0
+LIMIT = 2
+KEYS = 4
 
 FLOWS = f"""
 import asyncio, os
@@ -42,8 +48,11 @@ async def step(ctx):
         await asyncio.sleep(ctx.input["pause"])
 
 flow = create_workflow("proof")
+limited = create_workflow("limited").concurrency({LIMIT}, key=lambda i: i["key"])
 for i in range({STEPS}):
     flow = flow.step(f"s{{i}}", step)
+    limited = limited.step(f"s{{i}}", step)
+tick = create_workflow("tick").step("fired", lambda ctx: None)
 
 def make():
     engine = FluxEngine(
@@ -53,6 +62,8 @@ def make():
         max_concurrent_runs=64,
     )
     engine.register(flow)
+    engine.register(limited)
+    engine.register(tick)
     return engine
 """
 
@@ -67,6 +78,9 @@ class Case:
     seconds: float
     lost: int
     twice: int
+    over: int = 0
+    ticks: int = 0
+    ticks_twice: int = 0
     note: str = ""
 
     @property
@@ -89,7 +103,7 @@ class Worker:
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"a worker ended:\n{self.log.read_text()}")
-        return "ready; workflows: proof" in self.log.read_text()
+        return "ready; workflows: limited, proof, tick" in self.log.read_text()
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -180,6 +194,38 @@ async def _counts(dsn: str, run_ids: list[str]) -> tuple[int, int]:
     return len(run_ids) - completed, twice
 
 
+# Per key of the limited workflow: each run's span (its first step's start to its last
+# step's end, by the workers' clock: one machine here) as +1/-1 events; at one instant an
+# end counts before a start. The most spans open at once beyond the limit, summed over keys.
+_OVER = (
+    "WITH r AS (SELECT s.run_id, min(s.started_at) AS b, max(s.completed_at) AS e, "
+    "min(r.concurrency_key) AS k FROM flux_steps s JOIN flux_runs r ON r.id = s.run_id "
+    "WHERE r.name = 'limited' GROUP BY s.run_id), "
+    "ev AS (SELECT k, b AS t, 1 AS d FROM r UNION ALL SELECT k, e, -1 FROM r), "
+    "c AS (SELECT k, sum(d) OVER (PARTITION BY k ORDER BY t, d ROWS UNBOUNDED PRECEDING) "
+    "AS open FROM ev) "
+    "SELECT coalesce(sum(greatest(m - %s, 0)), 0) FROM (SELECT k, max(open) AS m FROM c "
+    "GROUP BY k) x"
+)
+
+
+async def _limits_and_ticks(dsn: str) -> tuple[int, int, int]:
+    """Runs over the limit; schedule ticks fired; ticks fired more than once (runs of the
+    schedule beyond one per tick: its unique key refuses them, this checks it did)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        over = await (await conn.execute(_OVER, (LIMIT,))).fetchone()
+        ticks = await (
+            await conn.execute(
+                "SELECT count(DISTINCT idempotency_key), count(*) - count(DISTINCT "
+                "idempotency_key) FROM flux_runs WHERE name = 'tick'"
+            )
+        ).fetchone()
+    assert over is not None and ticks is not None
+    return int(over[0]), int(ticks[0]), int(ticks[1])
+
+
 async def run_case(
     server: Any,
     made: Any,
@@ -208,12 +254,22 @@ async def run_case(
         async with FluxClient(PostgresStorage(local, max_size=4)) as client:  # migrates
             await _until("the workers", _ready(fleet))
             pause = 0.01 if disturb else 0.0
+            await client.schedule("every-second", workflow="tick", every=1.0)
+            limited = max(KEYS * LIMIT * 4, runs // 5)
             began = time.perf_counter()
             ids = [(await client.start("proof", {"n": n, "pause": pause})).id for n in range(runs)]
+            ids += [
+                (await client.start("limited", {"key": f"k{n % KEYS}", "pause": 0.005})).id
+                for n in range(limited)
+            ]
 
             async def done() -> bool:
                 counts = await client.counts("proof")
-                return counts.get("completed", 0) >= runs
+                capped = await client.counts("limited")
+                return counts.get("completed", 0) >= runs and capped.get("completed", 0) >= limited
+
+            async def ticked() -> bool:
+                return sum((await client.counts("tick")).values()) >= 2
 
             if disturb == "kill":
                 await _until("some progress", _some_done(client, runs // 5))
@@ -230,11 +286,15 @@ async def run_case(
             else:
                 await _until("the runs", done)
             seconds = time.perf_counter() - began
+            # The schedule must have fired more than once too (a short case waits for it).
+            await _until("two ticks of the schedule", ticked)
+            await client.unschedule("every-second")
         lost, twice = await _counts(local, ids)
+        over, ticks, ticks_twice = await _limits_and_ticks(local)
     finally:
         for w in fleet:
             w.stop()
-    return Case(name, workers, runs, seconds, lost, twice, note)
+    return Case(name, workers, runs, seconds, lost, twice, over, ticks, ticks_twice, note)
 
 
 def _ready(fleet: list[Worker]) -> Any:
@@ -258,14 +318,19 @@ def table(cases: list[Case], fallback: str | None) -> list[str]:
         "hosts: network namespaces over veth pairs"
         if fallback is None
         else f"hosts: loopback processes ({fallback})",
-        f"  {'case':<22} {'workers':>7} {'runs':>6} {'seconds':>8} {'runs/s':>8} "
-        f"{'lost':>5} {'twice':>6}  note",
+        f"  {'case':<18} {'workers':>7} {'runs':>6} {'seconds':>8} {'runs/s':>8} "
+        f"{'lost':>5} {'twice':>6} {'over limit':>10} {'ticks':>6} {'ticks twice':>11}  note",
     ]
     for c in cases:
         lines.append(
-            f"  {c.name:<22} {c.workers:>7} {c.runs:>6} {c.seconds:>8.2f} {c.rate:>8.1f} "
-            f"{c.lost:>5} {c.twice:>6}  {c.note}"
+            f"  {c.name:<18} {c.workers:>7} {c.runs:>6} {c.seconds:>8.2f} {c.rate:>8.1f} "
+            f"{c.lost:>5} {c.twice:>6} {c.over:>10} {c.ticks:>6} {c.ticks_twice:>11}  {c.note}"
         )
+    lines.append(
+        f"  (runs/s counts the {STEPS}-step runs only; each case also drives "
+        f"max({KEYS * LIMIT * 4}, runs/5) runs limited to {LIMIT} per key over {KEYS} keys, and a "
+        "schedule firing every second; a case ends once it fired twice)"
+    )
     return lines
 
 
@@ -312,10 +377,10 @@ async def run_hosts(report: Any, runs: int) -> bool:
         return False
     for line in table(cases, fallback):
         report.line("  " + line)
-    bad = [c.name for c in cases if c.lost or c.twice]
+    bad = [c.name for c in cases if c.lost or c.twice or c.over or c.ticks_twice]
     report.line(
-        "  lost 0 and recorded twice 0 in every case"
+        "  lost 0, recorded twice 0, over a limit 0, ticks fired twice 0 in every case"
         if not bad
-        else f"  LOST OR DUPLICATED in: {', '.join(bad)}"
+        else f"  LOST, DUPLICATED, OVER A LIMIT OR FIRED TWICE in: {', '.join(bad)}"
     )
     return not bad

@@ -29,7 +29,7 @@ from .errors import (
     StepNotFoundError,
     WorkflowNotFoundError,
 )
-from .storage._base import AttemptRow, RunRow, StepRow
+from .storage._base import AttemptRow, Claim, RunRow, StepRow
 
 __all__ = [
     "continue_rollback",
@@ -43,6 +43,19 @@ _COMPLETED = StepStatus.COMPLETED.value
 _COMPENSATING = StepStatus.COMPENSATING.value
 _COMPENSATED = StepStatus.COMPENSATED.value
 _UNDONE = (_COMPENSATED, _COMPENSATING)
+
+
+def _claim(rt: Runtime, definition: WorkflowDefinition) -> Claim | None:
+    """This engine's claim for an action's first write; none for a run under a concurrency
+    limit, which the action leaves due for a claim that counts it (see :func:`_handed_over`)."""
+    return claim_for(rt.settings) if definition.concurrency is None else None
+
+
+async def _handed_over(rt: Runtime, run_id: str) -> FluxResult:
+    """Wait for a run an action made due (and left unowned) to be claimed within its
+    workflow's concurrency limit and driven, here or elsewhere."""
+    rt.on_idle()
+    return await rt.wait_result(run_id, None)
 
 
 async def signal_run(
@@ -125,7 +138,7 @@ async def resume_run(
     applied = await rt.store.apply(
         claim_transition(
             row,
-            claim_for(rt.settings),
+            _claim(rt, definition),
             utcnow(),
             status=WorkflowStatus.PENDING.value,
             current_step=start,
@@ -140,6 +153,8 @@ async def resume_run(
             attempts=archived,
         )
     )
+    if definition.concurrency is not None:
+        return await _handed_over(rt, row.id)
     kept = {i: r for i, r in rows.items() if i < start or i in keep}
     driver = rt.driver_from(
         definition, row, applied, rows=kept, data=replay_data(kept.values(), before=start)
@@ -163,7 +178,7 @@ async def continue_rollback(
     applied = await rt.store.apply(
         claim_transition(
             row,
-            claim_for(rt.settings),
+            _claim(rt, definition),
             utcnow(),
             status=WorkflowStatus.ROLLING_BACK.value,
             completed_at=None,
@@ -171,6 +186,8 @@ async def continue_rollback(
             attempts=() if note is None else (note,),
         )
     )
+    if definition.concurrency is not None:
+        return await _handed_over(rt, row.id)
     rows = {r.index: r for r in row.steps}
     if skipped is not None:
         rows[skipped.index] = replace(skipped, fence=applied.fence)

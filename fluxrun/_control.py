@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._codec import decode, encode, input_hash
+from ._concurrency import concurrency_key
 from ._context import MAX_WAIT_SECONDS
 from ._definition import WorkflowDefinition
 from ._driver import utcnow
@@ -94,6 +95,9 @@ def prepare_run(
         run_after=None if not delay else rt.settings.clock.now() + dt.timedelta(seconds=delay),
         idempotency_key=idempotency_key,
         priority=priority,
+        concurrency_key=None
+        if definition.concurrency is None
+        else concurrency_key(definition.concurrency, typed, definition.name),
     )
     hashed = input_hash(input_text) if run_id is not None or idempotency_key else ""
     return NewRun(row=row, typed=typed, plain=plain, input_hash=hashed)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._codec import validate_text
+from ._concurrency import ConcurrencyLimit, check_concurrency
 from ._context import SleepMarker, duration_seconds, sleep
 from ._invoke import is_async
 from ._records import StepExecution
@@ -180,6 +181,7 @@ class WorkflowDefinition:
     steps: tuple[StepDefinition, ...]
     version: str | None = None
     input_spec: InputSpec | None = None
+    concurrency: ConcurrencyLimit | None = None
     # Worked out once: every continuation of a run compares and copies them.
     _step_names: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
     _pending: tuple[StepExecution, ...] = dataclasses.field(init=False, repr=False, compare=False)
@@ -276,7 +278,11 @@ def _make_step(
 
 
 def _build(
-    name: str, version: str | None, spec: InputSpec | None, steps: list[StepDefinition]
+    name: str,
+    version: str | None,
+    spec: InputSpec | None,
+    steps: list[StepDefinition],
+    concurrency: ConcurrencyLimit | None = None,
 ) -> WorkflowDefinition:
     if not steps:
         raise EmptyWorkflowError(f"Workflow {name!r} has no steps", workflow_name=name)
@@ -289,7 +295,9 @@ def _build(
                 step=s.name,
             )
         seen.add(s.name)
-    return WorkflowDefinition(name=name, steps=tuple(steps), version=version, input_spec=spec)
+    return WorkflowDefinition(
+        name=name, steps=tuple(steps), version=version, input_spec=spec, concurrency=concurrency
+    )
 
 
 class WorkflowBuilder:
@@ -300,6 +308,7 @@ class WorkflowBuilder:
         self._version: str | None = None
         self._spec: InputSpec | None = None
         self._steps: list[StepDefinition] = []
+        self._concurrency: ConcurrencyLimit | None = None
         self._built: WorkflowDefinition | None = None
 
     @property
@@ -321,6 +330,14 @@ class WorkflowBuilder:
     def version(self, v: str) -> WorkflowBuilder:
         """Set the definition's version string (stored with every run)."""
         self._version = _name(v, f"version of workflow {self._name!r}")
+        self._built = None
+        return self
+
+    def concurrency(self, limit: int, key: Callable[[Any], Any] | None = None) -> WorkflowBuilder:
+        """At most ``limit`` runs of this workflow running at once across all engines and
+        workers (per ``key(input)`` when given, e.g. per customer); runs waiting on a
+        signal, a sleep or a backoff do not count. See :mod:`fluxrun._concurrency`."""
+        self._concurrency = check_concurrency(limit, key, self._name)
         self._built = None
         return self
 
@@ -434,7 +451,9 @@ class WorkflowBuilder:
             DefinitionError: two steps share a name.
         """
         if self._built is None:
-            self._built = _build(self._name, self._version, self._spec, self._steps)
+            self._built = _build(
+                self._name, self._version, self._spec, self._steps, self._concurrency
+            )
         return self._built
 
     def describe(self) -> WorkflowDescriptor:
@@ -472,13 +491,21 @@ class Workflow:
     """
 
     def __init__(
-        self, name: str, *, version: str | None = None, input: object | None = None
+        self,
+        name: str,
+        *,
+        version: str | None = None,
+        input: object | None = None,
+        concurrency: int | None = None,
+        concurrency_key: Callable[[Any], Any] | None = None,
     ) -> None:
         self._builder = WorkflowBuilder(name)
         if version is not None:
             self._builder.version(version)
         if input is not None:
             self._builder.input(input)
+        if concurrency is not None or concurrency_key is not None:
+            self._builder.concurrency(concurrency, concurrency_key)  # type: ignore[arg-type]
         self._compensations: dict[str, Handler] = {}
 
     @property

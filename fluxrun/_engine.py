@@ -348,9 +348,15 @@ class FluxEngine(RunControl, ScheduleControl, Batches):
         )
         await self._ensure_ready()
         run_id = new.row.id
+        limited = definition.concurrency is not None
         with naming(run_id, definition.name):
             # A failed create may still have committed: the error names the run to look for.
-            run_id, created = await start_run(self._runtime, new, own=True)
+            # A run under a concurrency limit is taken by a claim (within the limit).
+            run_id, created = await start_run(self._runtime, new, own=not limited)
+        if limited and created:
+            self._scheduler.wake()
+            later = await self._runtime.wait_result(run_id, None)
+            return dataclasses.replace(later, duration_ms=(time.perf_counter() - started) * 1000.0)
         if not created:
             return await self._runtime.wait_result(run_id, None)
         driver = self._runtime.new_driver(

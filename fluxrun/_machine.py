@@ -524,8 +524,11 @@ def start_index(definition: WorkflowDefinition, row: RunRow, from_step: int | st
     return start
 
 
-def claim_transition(row: RunRow, claim: Claim, now: dt.datetime, **patch: Any) -> Transition:
-    """Claim a stored (unowned) run as part of an operator action's first write."""
+def claim_transition(
+    row: RunRow, claim: Claim | None, now: dt.datetime, **patch: Any
+) -> Transition:
+    """Claim a stored (unowned) run as part of an operator action's first write (or, with
+    no ``claim``, leave it for a claim: a run under a concurrency limit)."""
     return Transition(
         run_id=row.id, expected_version=row.version, updated_at=now, claim=claim, **patch
     )

@@ -34,6 +34,11 @@ class Registry:
         """The registered names, sorted."""
         return sorted(self._by_name)
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """The concurrency limits of the workflows that declare one, by name."""
+        return {n: d.concurrency.limit for n, d in self._by_name.items() if d.concurrency}
+
     def register(self, flow: FlowLike) -> WorkflowDefinition:
         """Register a workflow under its name.
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._codec import decode
+from ._concurrency import assign_key
 from ._definition import WorkflowDefinition
 from ._driver import Failed, Interrupted, Released, utcnow
 from ._lease import LeaseKeeper
@@ -259,7 +260,9 @@ class Runtime:
             raise WorkflowNotFoundError(f"Workflow not found: {run_id}", workflow_id=run_id)
         if definition is None and row.name in self.registry:
             definition = self.registry[row.name]
-        if run_id not in self.active and definition is not None:
+        if definition is not None and definition.concurrency is not None:
+            self.on_idle()  # under a concurrency limit: a claim takes it, within the limit
+        elif run_id not in self.active and definition is not None:
             try:
                 applied = await self.store.apply(
                     Transition(
@@ -343,6 +346,13 @@ class Runtime:
             if adopted is None:
                 return None  # its input was refused: the run failed without running a step
             row = adopted
+        if (
+            definition.concurrency is not None
+            and row.concurrency_key is None
+            and row.requested is None
+        ):
+            await assign_key(self, row, definition)
+            return None  # back in the store, to be claimed within the limit
         applied = Applied(version=row.version, fence=row.fence)
         name = waited_signal(row)
         signal = None if name is None else await self.store.first_signal(row.id, name)

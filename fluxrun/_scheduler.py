@@ -60,6 +60,9 @@ class Scheduler:
         self.inflight: dict[str, asyncio.Task[FluxResult | None]] = {}
         # Whether the loop waits for a slot to free up (then a finished drive wakes it).
         self._starved = False
+        # Whether the last claim took fewer runs than it could with limits in play: a run
+        # due now may be waiting for a slot of its concurrency limit.
+        self._held_back = False
         # Whether the loop sleeps between passes now (tests and observers read it).
         self.idle = False
         # The store's count of other processes' commits when last seen (None: it has none).
@@ -265,6 +268,11 @@ class Scheduler:
         if due is None:
             return poll
         left = (due - self._rt.settings.clock.now()).total_seconds()
+        if left <= 0 and self._held_back:
+            # Due but held back by a concurrency limit: a slot freed here wakes the loop (a
+            # drive that ends), one freed elsewhere is seen at the next poll; looking again
+            # at once would only spin.
+            return poll
         return max(_MIN_WAIT, min(poll, left))
 
     async def claim_pass(self, limit: int | None = None) -> list[asyncio.Task[FluxResult | None]]:
@@ -275,9 +283,13 @@ class Scheduler:
             names = rt.registry.names
             if free <= 0 or not names or (self._stopping and limit is None):
                 return []
+            limits = rt.registry.limits
+            # Passed only when there are some, so a user's store without limits still works.
+            more = {"limits": limits} if limits else {}
             rows = await rt.store.claim_due(
-                rt.settings.owner, names, free, rt.settings.lease_seconds
+                rt.settings.owner, names, free, rt.settings.lease_seconds, **more
             )
+            self._held_back = bool(limits) and len(rows) < free
             tasks = []
             for row in rows:
                 task = asyncio.get_running_loop().create_task(

@@ -285,12 +285,17 @@ class WholeStateStorageAdapter(Store):
         return started
 
     async def claim_due(
-        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        limits: Mapping[str, int] | None = None,
     ) -> list[RunRow]:
         """Claim due runs among the runs this process knows (the user's unfinished runs are
         read in on the first call for each workflow)."""
         await self._import_unfinished(names)
-        claimed = await self._cache.claim_due(owner, names, limit, lease_seconds)
+        claimed = await self._cache.claim_due(owner, names, limit, lease_seconds, limits)
         for row in claimed:
             await self._write_through(row.id)
         return claimed

@@ -213,10 +213,21 @@ class Store(ScheduleVerbs, BatchStore, WorkerVerbs, abc.ABC):
 
     @abc.abstractmethod
     async def claim_due(
-        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        limits: Mapping[str, int] | None = None,
     ) -> list[RunRow]:
         """Claim up to ``limit`` due runs of these workflows; return them (without step rows)
         in claim order.
+
+        ``limits`` maps workflow names to their concurrency limits: a due run of one of
+        them that holds no slot is claimed only while fewer than its limit of runs with
+        its name and ``concurrency_key`` hold one (the rules are in
+        :mod:`fluxrun.storage._concurrency`; the engine passes ``limits`` only when one of
+        its workflows declares a limit, so a store without them works for the others).
 
         A run is due when no live lease owns it and it is: pending, running or rolling_back
         (unowned, or its lease expired) with no ``run_after`` in the future; suspended with

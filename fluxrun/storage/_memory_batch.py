@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -144,11 +145,18 @@ class MemoryBatches(BatchStore):
                 asked.append(r.id)
         return asked
 
-    def _batch_items(self, wanted: set[str], limit: int, now: dt.datetime) -> list[_Run]:
+    def _batch_items(
+        self,
+        wanted: set[str],
+        limit: int,
+        now: dt.datetime,
+        admit: Callable[[RunRow], bool] | None = None,
+    ) -> list[_Run]:
         """The batch items to claim now (the lock held): of each running batch of these
         workflows, oldest batch first, its next items by index, while fewer than its
-        ``concurrency`` runs hold a slot. A stop-on-error batch with a failed item stops
-        here instead (its items not started are marked not run)."""
+        ``concurrency`` runs hold a slot (and ``admit`` takes them: the workflow's own
+        concurrency limit). A stop-on-error batch with a failed item stops here instead
+        (its items not started are marked not run)."""
         picked: list[_Run] = []
         batches = sorted(
             (b for b in self._batches.values() if b.status == "running" and b.name in wanted),
@@ -168,10 +176,12 @@ class MemoryBatches(BatchStore):
             free = min(batch.concurrency - busy, limit - len(picked))
             if free <= 0:
                 continue
-            ready = [
+            ready = (
                 e
                 for e in members
-                if e.gated() and (e.row.run_after is None or e.row.run_after <= now)
-            ]
-            picked += ready[:free]
+                if e.gated()
+                and (e.row.run_after is None or e.row.run_after <= now)
+                and (admit is None or admit(e.row))
+            )
+            picked += itertools.islice(ready, free)
         return picked

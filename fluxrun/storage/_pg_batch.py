@@ -12,7 +12,7 @@ runs in a statement that starts after it got that lock, so it sees every earlier
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from ._batch import (
 from ._limits import check_new_run
 from ._pg import NEW_LEASE, RUN_SELECT, STEP_SELECT, fetchall, run_row, step_row, utc
 from ._pg_connect import transaction
+from ._pg_limits import admit_items
 from ._sched import not_found_error
 
 if TYPE_CHECKING:
@@ -45,13 +46,13 @@ _BATCH_SELECT = "id, name, total, concurrency, continue_on_error, status, create
 _INSERT_RUNS = (
     "INSERT INTO flux_runs (id, name, definition_version, status, input, step_names, "
     "current_step, created_at, updated_at, version, fence, run_after, priority, "
-    "idempotency_key, batch_id, batch_index) "
+    "idempotency_key, concurrency_key, batch_id, batch_index) "
     "SELECT x.id, %s, x.dv, x.status, x.input::jsonb, x.steps::jsonb, x.cur, x.created, "
-    "x.updated, x.version, x.fence, x.run_after, x.priority, x.ikey, %s, x.ord - 1 "
+    "x.updated, x.version, x.fence, x.run_after, x.priority, x.ikey, x.ckey, %s, x.ord - 1 "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[], "
     "%s::timestamptz[], %s::timestamptz[], %s::bigint[], %s::bigint[], %s::timestamptz[], "
-    "%s::integer[], %s::text[]) WITH ORDINALITY AS x(id, dv, status, input, steps, cur, "
-    "created, updated, version, fence, run_after, priority, ikey, ord)"
+    "%s::integer[], %s::text[], %s::text[]) WITH ORDINALITY AS x(id, dv, status, input, steps, "
+    "cur, created, updated, version, fence, run_after, priority, ikey, ckey, ord)"
 )
 _FINISHED = "('" + "', '".join(FINISHED_STATUSES) + "')"
 _FAILED = "('" + "', '".join(FAILURE_STATUSES) + "')"
@@ -74,7 +75,7 @@ async def create_batch(
     """The batch row and one multi-row insert of its runs, in one transaction."""
     from psycopg import errors
 
-    columns: list[list[Any]] = [[] for _ in range(13)]
+    columns: list[list[Any]] = [[] for _ in range(14)]
     for r in runs:
         values = (
             r.id,
@@ -90,6 +91,7 @@ async def create_batch(
             r.run_after,
             r.priority,
             r.idempotency_key,
+            r.concurrency_key,
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
@@ -156,9 +158,11 @@ async def claim_items(
     names: Sequence[str],
     limit: int,
     lease: float,
+    limits: Mapping[str, int] | None = None,
 ) -> list[RunRow]:
-    """Claim batch items not started, within their batches' limits (see the module docs).
-    One cheap read when no batch of these workflows is running."""
+    """Claim batch items not started, within their batches' limits (see the module docs)
+    and their workflows' concurrency ``limits``. One cheap read when no batch of these
+    workflows is running."""
     running = await fetchall(
         conn,
         "SELECT EXISTS (SELECT 1 FROM flux_batches WHERE status = 'running' "
@@ -168,16 +172,17 @@ async def claim_items(
     if not running[0][0]:
         return []
     picked: list[str] = []
+    free: dict[tuple[str, str], int] = {}
     async with transaction(conn):
         batches = await fetchall(
             conn,
-            "SELECT id, concurrency, continue_on_error FROM flux_batches AS b "
+            "SELECT id, concurrency, continue_on_error, name FROM flux_batches AS b "
             "WHERE status = 'running' AND name = ANY(%s::text[]) AND EXISTS (SELECT 1 FROM "
             "flux_runs WHERE batch_id = b.id AND status = 'pending' AND owner IS NULL) "
             "ORDER BY created_at, id FOR NO KEY UPDATE SKIP LOCKED",
             (list(names),),
         )
-        for batch_id, concurrency, go_on in batches:
+        for batch_id, concurrency, go_on, name in batches:
             if len(picked) >= limit:
                 break
             # Count first, then look for a failure: each statement sees the commits made
@@ -199,18 +204,21 @@ async def claim_items(
                 if failed[0][0]:
                     await stop(conn, batch_id, "stopped")
                     continue
-            free = min(concurrency - busy[0][0], limit - len(picked))
-            if free <= 0:
+            room = min(concurrency - busy[0][0], limit - len(picked))
+            if room <= 0:
                 continue
             rows = await fetchall(
                 conn,
-                "SELECT id FROM flux_runs WHERE batch_id = %s AND "
+                "SELECT id, concurrency_key FROM flux_runs WHERE batch_id = %s AND "
                 + GATED_SQL
                 + " AND (run_after IS NULL OR run_after <= now()) ORDER BY batch_index "
                 "LIMIT %s FOR NO KEY UPDATE SKIP LOCKED",
-                (batch_id, free),
+                (batch_id, room),
             )
-            picked += [r[0] for r in rows]
+            if limits and name in limits:
+                picked += await admit_items(conn, name, limits[name], rows, free)
+            else:
+                picked += [r[0] for r in rows]
         if not picked:
             return []
         claimed = await fetchall(conn, _CLAIM_IDS, (owner, lease, picked))

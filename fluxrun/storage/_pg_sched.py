@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StorageError as _StorageError
 from ._base import FINISHED_STATUSES, RunRow, SignalRow, SignalSent, Started
 from ._batch import GATED_SQL
+from ._concurrency import NEEDS_SLOT_SQL
 from ._pg import NEW_LEASE, RUN_SELECT, UNOWNED, fetchall, run_row, utc
 from ._pg_connect import transaction
 from ._rows import RUN_COLUMNS, signal_from
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "DUE_WHERE",
     "claim_due",
     "counts",
     "first_signal",
@@ -37,24 +39,26 @@ _SIGNAL_SELECT = "seq, name, payload::text, dedupe_key, created_at, consumed_by_
 _INSERT_RUN = (
     "INSERT INTO flux_runs (" + ", ".join(RUN_COLUMNS) + ", input_hash) VALUES (%s, %s, %s, %s, "
     "%s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, {lease}, %s, %s, %s, %s, %s, %s, "
-    "%s, %s, %s, %s)"
+    "%s, %s, %s, %s, %s)"
 )
 # One statement: pick the due runs in claim order, lock them (skipping rows another claimer
 # holds; a row changed since the snapshot is re-checked against the predicate), and claim
 # them. The rule is MemoryStorage's _Run.due; "expired" keeps "expired leases first" for
 # the final order, which the claim itself erases (every claimed run has an owner).
-_CLAIM = (
-    "WITH c AS (SELECT id AS claim_id, owner IS NOT NULL AS expired FROM flux_runs "
-    "WHERE name = ANY(%(names)s::text[]) AND " + UNOWNED + " "
+DUE_WHERE = (
+    "name = ANY(%(names)s::text[]) AND " + UNOWNED + " "
     "AND NOT (status = ANY(%(finished)s::text[])) AND (requested IS NOT NULL "
     "OR (status IN ('pending', 'running', 'rolling_back') "
     "AND (run_after IS NULL OR run_after <= now())) "
     "OR (status = 'suspended' AND (run_after <= now() OR (wait_kind = 'signal' AND EXISTS ("
     "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id "
     "AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL))))) "
-    "AND NOT "
-    + GATED_SQL
-    + " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), seq "
+    "AND NOT " + GATED_SQL
+)
+_CLAIM = (
+    "WITH c AS (SELECT id AS claim_id, owner IS NOT NULL AS expired FROM flux_runs "
+    "WHERE " + DUE_WHERE + " AND NOT (name = ANY(%(limited)s::text[]) AND " + NEEDS_SLOT_SQL + ")"
+    " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), seq "
     "LIMIT %(limit)s::bigint FOR NO KEY UPDATE SKIP LOCKED), "
     "u AS (UPDATE flux_runs SET owner = %(owner)s, "
     "lease_until = " + NEW_LEASE.replace("%s", "%(lease)s") + ", fence = fence + 1, "
@@ -94,6 +98,7 @@ def _run_params(run: RunRow, owner: str | None, lease: float | None) -> list[Any
         run.request_reason,
         run.priority,
         run.idempotency_key,
+        run.concurrency_key,
     ]
     return params
 
@@ -151,7 +156,10 @@ async def claim_due(
     names: Sequence[str],
     limit: int,
     lease: float,
+    limited: Sequence[str] = (),
 ) -> list[RunRow]:
+    """Claim due runs in one statement, but not those of ``limited`` workflows that need
+    a free slot of their concurrency limit (``_pg_limits.claim_limited`` takes those)."""
     rows = await fetchall(
         conn,
         _CLAIM,
@@ -161,6 +169,7 @@ async def claim_due(
             "limit": limit,
             "owner": owner,
             "lease": lease,
+            "limited": list(limited),
         },
     )
     return [run_row(r) for r in rows]

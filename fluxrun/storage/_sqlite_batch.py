@@ -26,6 +26,7 @@ from ._batch import (
 from ._limits import check_new_run
 from ._rows import RUN_COLUMNS
 from ._sched import not_found_error
+from ._sqlite_limits import Slots
 from ._sqlite_sql import (
     RUN_SELECT,
     STEP_SELECT,
@@ -122,20 +123,27 @@ def stop(conn: sqlite3.Connection, batch_id: str, kind: StopKind, now: int) -> l
     return [r[0] for r in rows]
 
 
-def batch_items(conn: sqlite3.Connection, names: Sequence[str], limit: int, now: int) -> list[str]:
+def batch_items(
+    conn: sqlite3.Connection,
+    names: Sequence[str],
+    limit: int,
+    now: int,
+    slots: Slots | None = None,
+) -> list[str]:
     """The batch items to claim now, inside the claim's write transaction: of each running
     batch of these workflows with items not started, oldest batch first, its next items by
-    index while fewer than its ``concurrency`` runs hold a slot. A stop-on-error batch with
-    a failed item is stopped here instead."""
+    index while fewer than its ``concurrency`` runs hold a slot (and ``slots`` has one for
+    them: their workflow's concurrency limit). A stop-on-error batch with a failed item is
+    stopped here instead."""
     batches = conn.execute(
-        "SELECT id, concurrency, continue_on_error FROM flux_batches AS b "
+        "SELECT id, concurrency, continue_on_error, name FROM flux_batches AS b "
         "WHERE status = 'running' AND name IN (SELECT value FROM json_each(?)) AND EXISTS ("
         "SELECT 1 FROM flux_runs WHERE batch_id = b.id AND status = 'pending' AND owner IS NULL)"
         " ORDER BY created_at, rowid",
         (json.dumps(list(names)),),
     ).fetchall()
     picked: list[str] = []
-    for batch_id, concurrency, go_on in batches:
+    for batch_id, concurrency, go_on, name in batches:
         if len(picked) >= limit:
             break
         if (
@@ -157,12 +165,12 @@ def batch_items(conn: sqlite3.Connection, names: Sequence[str], limit: int, now:
         if free <= 0:
             continue
         rows = conn.execute(
-            "SELECT id FROM flux_runs WHERE batch_id = ? AND "
+            "SELECT id, concurrency_key FROM flux_runs WHERE batch_id = ? AND "
             + GATED_SQL
             + " AND (run_after IS NULL OR run_after <= ?) ORDER BY batch_index LIMIT ?",
             (batch_id, now, free),
         ).fetchall()
-        picked += [r[0] for r in rows]
+        picked += [r[0] for r in rows if slots is None or slots.admit(name, r[1])]
     return picked
 
 

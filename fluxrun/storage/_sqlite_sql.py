@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +42,7 @@ from ._rows import (
 )
 from ._sched import finished_error, not_found_error, unconsumable_error
 from ._sqlite_lease import CLAIM_LEASE, MAX_MICROS, RELEASE_LEASE, RENEW_LEASE, LeaseClock
+from ._sqlite_limits import LIMITED_SKIP, Slots
 from ._sqlplan import patch_sets
 
 __all__ = [
@@ -118,8 +119,10 @@ _DUE = (
     " OR (status = 'suspended' AND (run_after <= ? OR (wait_kind = 'signal' AND EXISTS ("
     "SELECT 1 FROM flux_signals AS s WHERE s.run_id = flux_runs.id"
     " AND s.name = flux_runs.wait_name AND s.consumed_by_step IS NULL)))))"
-    " AND NOT " + GATED_SQL + " ORDER BY owner IS NULL, priority DESC,"
-    " coalesce(run_after, created_at), rowid LIMIT ?"
+    " AND NOT " + GATED_SQL
+)
+_DUE_ORDER = (
+    " ORDER BY owner IS NULL, priority DESC, coalesce(run_after, created_at), rowid LIMIT ?"
 )
 _CLAIM = (
     "UPDATE flux_runs SET owner = ?, "
@@ -311,6 +314,7 @@ def run_values(run: RunRow, owner: str | None, until: int | None) -> tuple[Any, 
         run.request_reason,
         run.priority,
         run.idempotency_key,
+        run.concurrency_key,
     )
 
 
@@ -374,22 +378,30 @@ def claim_due(
     limit: int,
     clock: LeaseClock,
     lease_seconds: float,
-    more: Callable[[sqlite3.Connection, Sequence[str], int, int], list[str]] | None = None,
+    more: Callable[[sqlite3.Connection, Sequence[str], int, int, Slots | None], list[str]]
+    | None = None,
+    limits: Mapping[str, int] | None = None,
 ) -> list[RunRow]:
-    """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order; ``more``
-    adds ids to claim after them (the batch items, within their batches' limits)."""
+    """Claim the due runs in one ``BEGIN IMMEDIATE`` transaction, in claim order: those
+    outside any concurrency limit (or holding a slot), then those of ``limits`` that fit
+    in free slots; ``more`` adds ids to claim after them (the batch items, within their
+    batches' limits and ``limits``)."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
     now = clock.now()  # with the write lock held: a wait for it cannot shorten the leases
     expired, params = clock.expired(now)
+    limited = {n: limits[n] for n in names if n in limits} if limits else {}
+    where = "name IN (SELECT value FROM json_each(?)) AND " + expired + _DUE
+    args = (json.dumps(list(names)), *params, now.wall, now.wall)
+    skip, skip_args = (LIMITED_SKIP, (json.dumps(list(limited)),)) if limited else ("", ())
     selected = conn.execute(
-        "SELECT id FROM flux_runs WHERE name IN (SELECT value FROM json_each(?)) AND "
-        + expired
-        + _DUE,
-        (json.dumps(list(names)), *params, now.wall, now.wall, limit),
+        "SELECT id FROM flux_runs WHERE " + where + skip + _DUE_ORDER, (*args, *skip_args, limit)
     )
     ids = [r[0] for r in selected.fetchall()]
+    slots = Slots(conn, limited) if limited else None
+    if slots is not None and len(ids) < limit:
+        ids += slots.claimable(where, args, limit - len(ids))
     if len(ids) < limit and more is not None:
-        ids += more(conn, names, limit - len(ids), now.wall)
+        ids += more(conn, names, limit - len(ids), now.wall, slots)
     if not ids:
         conn.execute("COMMIT")  # a batch may have been stopped
         return []

@@ -25,6 +25,7 @@ PATCHED = (
     "wait_kind",
     "attempt",
     "definition_version",
+    "concurrency_key",
 )
 """The run columns a transition sets when they are not ``KEEP``, in this order."""
 

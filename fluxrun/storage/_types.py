@@ -118,6 +118,8 @@ class RunRow:
     durable attempt number of the current step, ``requested`` a pending ``"cancel"`` or
     ``"pause"`` (with ``request_reason``), ``priority`` the claim order (higher first), and
     ``idempotency_key`` the key the run was started with (unique per workflow name).
+    ``concurrency_key`` (schema 9/8): the group of a workflow's concurrency limit the run
+    counts in (``""`` for a limit without a key; None: no limit, or not computed yet).
     """
 
     id: str
@@ -145,6 +147,7 @@ class RunRow:
     request_reason: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    concurrency_key: str | None = None
     snapshot: Snapshot | None = None
     steps_from: int = 0
     """Only :meth:`Store.load_tail` sets these: the run's snapshot, and the first index
@@ -213,7 +216,8 @@ class Transition:
 
     ``step_names`` (with ``definition_version``) records the steps of a run that was started
     by workflow name alone (a :class:`~fluxrun.FluxClient`), once an engine that has the
-    workflow takes it.
+    workflow takes it. ``concurrency_key`` records the group of a limited workflow's run
+    whose key was not known when it was stored (started by name, by a schedule).
 
     ``snapshot`` replaces the run's :class:`Snapshot`. Without one, a ``delete_steps_from``
     below the stored snapshot's ``at`` clears it (the rows it stands for are gone).
@@ -245,6 +249,7 @@ class Transition:
     run_after_from: dt.datetime | None = None
     step_names: tuple[str, ...] | None = None
     definition_version: str | Keep | None = KEEP
+    concurrency_key: str | Keep | None = KEEP
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import operator
 import threading
 import time
@@ -34,6 +35,7 @@ from ._base import (
     transition_error,
 )
 from ._batch import BatchRow
+from ._concurrency import SlotGate, check_limits
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -447,10 +449,16 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
     # -- scheduling ---------------------------------------------------------------------------
 
     async def claim_due(
-        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        limits: Mapping[str, int] | None = None,
     ) -> list[RunRow]:
         """Claim up to ``limit`` due runs (see :meth:`Store.claim_due`)."""
         limit = row_limit(limit, "limit")
+        checked = check_limits(limits)
         with self._lock:
             now = self._now()
             wanted = set(names)
@@ -460,10 +468,15 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
                 if e.row.name in wanted and e.due(now) and not e.gated()
             ]
             due.sort(key=_Run.claim_order)
+            gate = None
+            if checked:
+                gate = SlotGate(checked, (e.row for e in self._runs.values()))
+                due = list(itertools.islice((e for e in due if gate.admit(e.row)), limit))
             until = lease_expiry(now, lease_seconds)
             claimed = [_claim(e, owner, until) for e in due[:limit]]
             if len(claimed) < limit and self._batches:
-                picked = self._batch_items(wanted, limit - len(claimed), now)
+                admit = None if gate is None else gate.admit
+                picked = self._batch_items(wanted, limit - len(claimed), now, admit)
                 claimed += [_claim(e, owner, until) for e in picked]
             return claimed
 
@@ -577,6 +590,7 @@ def _plain_step_commit(t: Transition) -> bool:
         and t.attempt is KEEP
         and t.step_names is None
         and t.definition_version is KEEP
+        and t.concurrency_key is KEEP
     )
 
 

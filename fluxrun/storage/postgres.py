@@ -41,6 +41,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._concurrency import check_limits
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -69,6 +70,7 @@ from ._pg import (
 )
 from ._pg_batch import PgBatches, claim_items
 from ._pg_connect import LeaseRenewer, PgPool, transaction
+from ._pg_limits import claim_limited
 from ._pg_listen import Listener, notify
 from ._pg_schedules import PostgresSchedules
 from ._sched import check_signal
@@ -454,17 +456,30 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
             return started
 
     async def claim_due(
-        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        limits: Mapping[str, int] | None = None,
     ) -> list[RunRow]:
-        """Claim due runs in one statement (``FOR NO KEY UPDATE SKIP LOCKED``)."""
+        """Claim due runs in one statement (``FOR NO KEY UPDATE SKIP LOCKED``); then, in a
+        transaction each, runs waiting for a free slot of a concurrency limit and batch
+        items (see :mod:`fluxrun.storage._pg_limits`)."""
         limit = row_limit(limit, "limit")
+        checked = check_limits(limits)
         if not names or not limit:
             return []
         lease = clamp_lease(lease_seconds)
+        limited = {n: checked[n] for n in names if n in checked}
         async with self._connection("claim") as conn:
-            rows = await _q.claim_due(conn, owner, names, limit, lease)
+            rows = await _q.claim_due(conn, owner, names, limit, lease, list(limited))
+            if limited and len(rows) < limit:
+                rows += await claim_limited(
+                    conn, owner, list(names), limited, limit - len(rows), lease
+                )
             if len(rows) < limit:  # then batch items, within their batches' limits
-                rows += await claim_items(conn, owner, names, limit - len(rows), lease)
+                rows += await claim_items(conn, owner, names, limit - len(rows), lease, limited)
             return rows
 
     async def next_due(self, names: Sequence[str]) -> dt.datetime | None:

@@ -34,6 +34,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._concurrency import check_limits
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -520,16 +521,24 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
         return await self._run(insert, "start", run.id)
 
     async def claim_due(
-        self, owner: str, names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        limits: Mapping[str, int] | None = None,
     ) -> list[RunRow]:
         """Claim due runs: ``BEGIN IMMEDIATE``, select in claim order, update, commit."""
         limit = row_limit(limit, "limit")
+        checked = check_limits(limits)
 
         def claim(conn: sqlite3.Connection) -> list[RunRow]:
             if not names or not limit:
                 return []
             expire_dead_owners(conn, self._clock)
-            return _q.claim_due(conn, owner, names, limit, self._clock, lease_seconds, batch_items)
+            return _q.claim_due(
+                conn, owner, names, limit, self._clock, lease_seconds, batch_items, checked
+            )
 
         return await self._run(claim, "claim")
 
