@@ -42,6 +42,7 @@ from ._base import (
     delete_busy_error,
 )
 from ._concurrency import check_limits
+from ._group_commit import GroupCommitter
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -70,6 +71,7 @@ from ._pg import (
 )
 from ._pg_batch import PgBatches, claim_items
 from ._pg_connect import LeaseRenewer, PgPool, transaction
+from ._pg_group import PgWrite, flush_writes, groupable
 from ._pg_limits import claim_limited
 from ._pg_listen import Listener, notify
 from ._pg_schedules import PostgresSchedules
@@ -92,6 +94,8 @@ def _same(value: dt.datetime | None) -> dt.datetime | None:
 #: Key of the transaction-level advisory lock that serialises schema migrations
 #: (the bytes of "fluxrun" as a number; advisory locks are per database).
 _MIGRATION_LOCK = 28829699412227438
+# Batches of step commits written at once (each on a pooled connection of its own).
+_WRITERS = 2
 
 
 class PostgresStorage(PostgresSchedules, PgBatches, Store):
@@ -163,6 +167,10 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
         self._db = PgPool(repr(self), dsn, pool, min_size, max_size, self._timeout)
         self._renewer = LeaseRenewer(repr(self), self._timeout)
         self._listen = bool(listen)
+        # Step commits of runs in flight at once share one statement (see _pg_group).
+        self._group: GroupCommitter[PgWrite, Applied] = GroupCommitter(
+            self._flush, writers=_WRITERS
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -267,6 +275,24 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
             and t.consume_signal is None
             and (t.insert_step is None or t.update_step is None)
         )
+        if simple and groupable(t):
+            return await self._group.submit(PgWrite(t, update, params))
+        return await self._apply(t, update, params, simple)
+
+    async def _flush(self, writes: Sequence[PgWrite]) -> Sequence[Applied | BaseException]:
+        """Write a batch of step commits (see :mod:`fluxrun.storage._pg_group`)."""
+        if len(writes) == 1:  # alone: the single statement (prepared, once it repeats)
+            w = writes[0]
+            try:
+                return [await self._apply(w.t, w.update, w.params, True)]
+            except Exception as exc:
+                return [exc]
+        async with self._connection("group commit") as conn:
+            return await flush_writes(
+                conn, writes, lambda w: self._apply(w.t, w.update, w.params, True)
+            )
+
+    async def _apply(self, t: Transition, update: str, params: list[Any], simple: bool) -> Applied:
         async with self._connection("step commit", t.run_id) as conn:
             if simple:
                 applied = await _apply.apply_simple(conn, t, update, params)

@@ -1,0 +1,84 @@
+"""Group commit: the step commits of many runs in flight share one durable commit.
+
+A run in flight waits for the commit of its step before it starts the next one (the
+durability contract). When many runs are in flight, their commits queue up behind one
+another, one fsync each. A :class:`GroupCommitter` takes the commits that are waiting when
+a writer is free and hands them to the store's ``flush`` as one batch: one transaction (or
+one statement), one fsync. Each caller gets its own outcome, and resumes only after the
+commit that holds its write.
+
+There is no timer: a lone commit starts at once (nobody waits for company), and commits
+that arrive while ``writers`` batches are being written wait only for one of them to end,
+then go together. The store's ``flush`` keeps each write's own compare-and-set and fence,
+so one run's refusal never fails or delays the others of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+__all__ = ["GroupCommitter"]
+
+W = TypeVar("W")
+R = TypeVar("R")
+
+Flush = Callable[[Sequence[W]], Awaitable[Sequence[R | BaseException]]]
+
+
+class GroupCommitter(Generic[W, R]):
+    """Batches the writes submitted while a flush is under way (see the module).
+
+    ``flush(writes)`` writes a batch and returns one outcome per write, in order: a result,
+    or the exception that write's caller must get. An exception ``flush`` raises itself
+    goes to every caller of the batch.
+    """
+
+    def __init__(self, flush: Flush[W, R], *, writers: int = 1, max_batch: int = 256) -> None:
+        self._flush = flush
+        self._writers = writers
+        self._max_batch = max_batch
+        self._queue: list[tuple[W, asyncio.Future[R]]] = []
+        self._busy = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        self.batches = 0  # batches written (for tests and benchmarks)
+        self.largest = 0  # the most writes one batch held
+
+    async def submit(self, write: W) -> R:
+        """Queue ``write`` and wait for the commit that holds it."""
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, fut))
+        if self._busy < self._writers:
+            self._busy += 1
+            # A writer of its own: a caller that is cancelled must not stop the batch.
+            task = asyncio.get_running_loop().create_task(self._write())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _write(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                self.batches += 1
+                self.largest = max(self.largest, len(batch))
+                try:
+                    outcomes = await self._flush([w for w, _ in batch])
+                except BaseException as exc:  # every caller of the batch gets it
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                    if fut.done():
+                        continue  # its caller was cancelled; the write stands
+                    if isinstance(outcome, BaseException):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
+        finally:
+            self._busy -= 1
