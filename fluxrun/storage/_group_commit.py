@@ -9,7 +9,10 @@ commit that holds its write.
 
 There is no timer: a lone commit starts at once (nobody waits for company), and commits
 that arrive while ``writers`` batches are being written wait only for one of them to end,
-then go together. The store's ``flush`` keeps each write's own compare-and-set and fence,
+then go together. A store whose writes do not let the event loop run meanwhile (SQLite's,
+made on the loop) passes ``write_alone_at_once=False``: a write then waits for the writer
+task, which runs once the steps that are ready in this turn of the loop have all queued
+theirs (one hand-over, no timer). The store's ``flush`` keeps each write's own compare-and-set and fence,
 so one run's refusal never fails or delays the others of its batch.
 """
 
@@ -35,8 +38,16 @@ class GroupCommitter(Generic[W, R]):
     goes to every caller of the batch.
     """
 
-    def __init__(self, flush: Flush[W, R], *, writers: int = 1, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        flush: Flush[W, R],
+        *,
+        writers: int = 1,
+        max_batch: int = 256,
+        write_alone_at_once: bool = True,
+    ) -> None:
         self._flush = flush
+        self._at_once = write_alone_at_once
         self._writers = writers
         self._max_batch = max_batch
         self._queue: list[tuple[W, asyncio.Future[R]]] = []
@@ -47,15 +58,34 @@ class GroupCommitter(Generic[W, R]):
 
     async def submit(self, write: W) -> R:
         """Queue ``write`` and wait for the commit that holds it."""
+        if self._at_once and self._busy < self._writers and not self._queue:
+            # Nobody to wait for: written at once, in the caller's task (no hand-over).
+            self._busy += 1
+            try:
+                self.batches += 1
+                self.largest = max(self.largest, 1)
+                outcome = (await self._flush([write]))[0]
+            finally:
+                self._hand_over()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((write, fut))
         if self._busy < self._writers:
             self._busy += 1
-            # A writer of its own: a caller that is cancelled must not stop the batch.
-            task = asyncio.get_running_loop().create_task(self._write())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._hand_over()
         return await fut
+
+    def _hand_over(self) -> None:
+        """Give up this writer's turn: to a writer task of its own for the writes that
+        queued meanwhile (a caller that is cancelled must not stop a batch), if any."""
+        if not self._queue:
+            self._busy -= 1
+            return
+        task = asyncio.get_running_loop().create_task(self._write())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _write(self) -> None:
         try:

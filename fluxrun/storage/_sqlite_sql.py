@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..errors import ConcurrentModificationError
+from ..errors import ConcurrentModificationError, FluxError
 from ._base import (
     FINISHED_STATUSES,
     Applied,
@@ -53,6 +53,7 @@ __all__ = [
     "STEP_SELECT",
     "UPDATE_STEP",
     "apply",
+    "apply_many",
     "claim_due",
     "counts",
     "duplicate",
@@ -134,7 +135,42 @@ _CLAIM = (
 
 def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
     """Apply one transition in one ``BEGIN IMMEDIATE`` transaction (see :class:`Transition`)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        applied = write(conn, t, clock)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return applied
+
+
+def apply_many(
+    conn: sqlite3.Connection,
+    ts: Sequence[Transition],
+    clock: LeaseClock,
+    failed: Callable[[Transition, Exception], Exception],
+) -> list[Applied | Exception]:
+    """Apply several transitions in one ``BEGIN IMMEDIATE`` transaction (a group commit),
+    each inside a savepoint of its own: one that is refused is undone alone (its error,
+    made by ``failed`` from what was raised, is its outcome) and the others commit."""
     conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
+    outcomes: list[Applied | Exception] = []
+    for t in ts:
+        conn.execute("SAVEPOINT flux_write")
+        try:
+            outcomes.append(write(conn, t, clock))
+        except (FluxError, sqlite3.Error, OverflowError) as exc:
+            conn.execute("ROLLBACK TO flux_write")
+            outcomes.append(failed(t, exc))
+        conn.execute("RELEASE flux_write")
+    conn.execute("COMMIT")
+    return outcomes
+
+
+def write(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
+    """The writes of one transition, inside the caller's transaction (see :func:`apply`);
+    raises, with its writes to be undone by the caller, if it does not apply."""
     # The clocks are read once the write lock is held, so waiting for it cannot shorten a
     # lease written here; a plain step commit (fenced, no claim or renewal) reads none.
     now = None
@@ -177,16 +213,13 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
     else:
         row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
     if row is None:
-        error = _diagnose(conn, t, clock)
-        conn.execute("ROLLBACK")
-        raise error
+        raise _diagnose(conn, t, clock)
     if t.consume_signal is not None:
         c = t.consume_signal
         consumed = conn.execute(
             _CONSUME, (c.step, to_micros(t.updated_at), t.run_id, c.seq)
         ).rowcount
         if consumed != 1:
-            conn.execute("ROLLBACK")
             raise unconsumable_error(t.run_id, c.seq)
     if t.delete_steps_from is not None:
         keep = ",".join("?" * len(t.keep_steps))
@@ -202,7 +235,6 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
         except sqlite3.IntegrityError as exc:
             if not duplicate(exc):
                 raise
-            conn.execute("ROLLBACK")
             raise ConcurrentModificationError(
                 f"step {s.index} of run {t.run_id!r} is already recorded",
                 workflow_id=t.run_id,
@@ -211,7 +243,6 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
         s = t.update_step
         cur = conn.execute(UPDATE_STEP, (*step_values(s), t.run_id, s.index))
         if cur.rowcount != 1:
-            conn.execute("ROLLBACK")
             raise ConcurrentModificationError(
                 f"step {s.index} of run {t.run_id!r} has no recorded outcome",
                 workflow_id=t.run_id,
@@ -221,7 +252,6 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
             INSERT_ATTEMPT,
             [(t.run_id, t.run_id, *attempt_fields(a, to_micros)) for a in t.attempts],
         )
-    conn.execute("COMMIT")
     return Applied(version=row[0], fence=row[1])
 
 

@@ -14,7 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from ..errors import ConcurrentModificationError, InvalidArgumentError, SchemaVersionError, with_run
+from ..errors import (
+    ConcurrentModificationError,
+    FluxError,
+    InvalidArgumentError,
+    SchemaVersionError,
+    with_run,
+)
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
 from ._base import (
@@ -35,6 +41,7 @@ from ._base import (
     delete_busy_error,
 )
 from ._concurrency import check_limits
+from ._group_commit import GroupCommitter
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -154,6 +161,12 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        # The transitions of runs in flight at once share one transaction (a group commit).
+        # A write made on the loop lets nothing else run: the writer task takes what the
+        # runs ready in this turn of the loop queued (see _group_commit).
+        self._group: GroupCommitter[Transition, Applied] = GroupCommitter(
+            self._flush, write_alone_at_once=False
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -336,10 +349,32 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
         check_transition_numbers(t)
         if t.run_after_from is not None:
             t = on_store_clock(t, dt.datetime.fromtimestamp(self._clock.wall_us() / 1e6, dt.UTC))
+        return await self._group.submit(t)
+
+    async def _flush(self, ts: Sequence[Transition]) -> list[Applied | Exception]:
+        """Write the transitions submitted at once: one alone as before, several in one
+        transaction, each in a savepoint of its own (see :func:`_sqlite_sql.apply_many`)."""
+        if len(ts) == 1:
+            t = ts[0]
+            try:
+                return [
+                    await self._run(lambda c: _q.apply(c, t, self._clock), "step commit", t.run_id)
+                ]
+            except Exception as exc:
+                return [exc]
+
+        def failed(t: Transition, exc: Exception) -> Exception:
+            if isinstance(exc, FluxError):
+                return exc
+            error = _StorageError(
+                f"SQLite step commit{_about(t.run_id)} failed on {self.path!r}: {exc}",
+                workflow_id=t.run_id,
+            )
+            error.__cause__ = exc
+            return error
+
         return await self._run(
-            lambda conn: _q.apply(conn, t, self._clock),
-            "step commit",
-            t.run_id,
+            lambda conn: _q.apply_many(conn, ts, self._clock, failed), "group commit"
         )
 
     async def delete(self, run_id: str) -> bool:
