@@ -12,22 +12,82 @@ that arrive while ``writers`` batches are being written wait only for one of the
 then go together. A store whose writes do not let the event loop run meanwhile (SQLite's,
 made on the loop) passes ``write_alone_at_once=False``: a write then waits for the writer
 task, which runs once the steps that are ready in this turn of the loop have all queued
-theirs (one hand-over, no timer). The store's ``flush`` keeps each write's own compare-and-set and fence,
-so one run's refusal never fails or delays the others of its batch.
+theirs (one hand-over, no timer). The store's ``flush`` keeps each write's own
+compare-and-set and fence, so one run's refusal never fails or delays the others of its
+batch. Only the commits of the forward path are batched (:func:`groupable`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommitter"]
+from ._types import KEEP, Transition
+
+__all__ = ["GroupCommitter", "groupable"]
 
 W = TypeVar("W")
 R = TypeVar("R")
 
 Flush = Callable[[Sequence[W]], Awaitable[Sequence[R | BaseException]]]
+
+
+_RUNNING = "running"
+_COMPLETED = "completed"
+# The fields the two grouped commits set; every other must keep its default.
+_SHAPED = frozenset(
+    {
+        "run_id",
+        "expected_version",
+        "updated_at",
+        "fence",
+        "insert_step",
+        "current_step",
+        "status",
+        "error",
+        "completed_at",
+        "release",
+        "requested",
+    }
+)
+_DEFAULTS = tuple(
+    (f.name, f.default)
+    for f in dataclasses.fields(Transition)
+    if f.name not in _SHAPED and f.default is not dataclasses.MISSING
+)
+assert all(
+    f.default is not dataclasses.MISSING for f in dataclasses.fields(Transition)
+    if f.name not in _SHAPED
+), "a new required field of Transition must be judged here"  # fmt: skip
+
+
+def groupable(t: Transition) -> bool:
+    """Whether ``t`` is one of the two commits of the forward path, the only writes a store
+    batches: a step's outcome (the run stays or becomes ``running``), or the last step's
+    outcome with the run's completion (``completed``, error cleared, let go, any request
+    cleared). Every other write (a claim, a signal taken, a suspension, an operator's
+    action) is made alone and at once, as before: what it decides is seen by the next
+    caller without a turn of the loop in between."""
+    if t.insert_step is None or t.fence is None or isinstance(t.current_step, type(KEEP)):
+        return False
+    if not all(getattr(t, name) == default for name, default in _DEFAULTS):
+        return False
+    if t.release:  # the last step with the run's completion
+        return (
+            t.status == _COMPLETED
+            and t.error is None
+            and isinstance(t.completed_at, dt.datetime)
+            and t.requested is None
+        )
+    return (
+        (t.status is KEEP or t.status == _RUNNING)
+        and t.error is KEEP
+        and t.completed_at is KEEP
+        and t.requested is KEEP
+    )
 
 
 class GroupCommitter(Generic[W, R]):

@@ -17,8 +17,6 @@ of :class:`Transition` adds, takes the single-write path.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,35 +27,7 @@ from ._pg_apply import diagnose
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PgWrite", "flush_writes", "groupable"]
-
-_RUNNING = "running"
-_COMPLETED = "completed"
-# The fields the two grouped commits set; every other must keep its default.
-_SHAPED = frozenset(
-    {
-        "run_id",
-        "expected_version",
-        "updated_at",
-        "fence",
-        "insert_step",
-        "current_step",
-        "status",
-        "error",
-        "completed_at",
-        "release",
-        "requested",
-    }
-)
-_DEFAULTS = tuple(
-    (f.name, f.default)
-    for f in dataclasses.fields(Transition)
-    if f.name not in _SHAPED and f.default is not dataclasses.MISSING
-)
-assert all(
-    f.default is not dataclasses.MISSING for f in dataclasses.fields(Transition)
-    if f.name not in _SHAPED
-), "a new required field of Transition must be judged here"  # fmt: skip
+__all__ = ["PgWrite", "flush_writes"]
 
 # v: one row per write (fin: the run completes); s: one step row per write.
 _GROUP = (
@@ -98,27 +68,6 @@ class PgWrite(NamedTuple):
     t: Transition
     update: str
     params: list[Any]
-
-
-def groupable(t: Transition) -> bool:
-    """Whether ``t`` is one of the two commits of the forward path (see the module)."""
-    if t.insert_step is None or t.fence is None or isinstance(t.current_step, type(KEEP)):
-        return False
-    if not all(getattr(t, name) == default for name, default in _DEFAULTS):
-        return False
-    if t.release:  # the last step with the run's completion
-        return (
-            t.status == _COMPLETED
-            and t.error is None
-            and isinstance(t.completed_at, dt.datetime)
-            and t.requested is None
-        )
-    return (
-        (t.status is KEEP or t.status == _RUNNING)
-        and t.error is KEEP
-        and t.completed_at is KEEP
-        and t.requested is KEEP
-    )
 
 
 def _params(writes: Sequence[PgWrite]) -> list[Any]:

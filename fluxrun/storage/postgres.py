@@ -42,7 +42,7 @@ from ._base import (
     delete_busy_error,
 )
 from ._concurrency import check_limits
-from ._group_commit import GroupCommitter
+from ._group_commit import GroupCommitter, groupable
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -71,7 +71,7 @@ from ._pg import (
 )
 from ._pg_batch import PgBatches, claim_items
 from ._pg_connect import LeaseRenewer, PgPool, transaction
-from ._pg_group import PgWrite, flush_writes, groupable
+from ._pg_group import PgWrite, flush_writes
 from ._pg_limits import claim_limited
 from ._pg_listen import Listener, notify
 from ._pg_schedules import PostgresSchedules

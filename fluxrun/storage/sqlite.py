@@ -41,7 +41,7 @@ from ._base import (
     delete_busy_error,
 )
 from ._concurrency import check_limits
-from ._group_commit import GroupCommitter
+from ._group_commit import GroupCommitter, groupable
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -349,7 +349,9 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
         check_transition_numbers(t)
         if t.run_after_from is not None:
             t = on_store_clock(t, dt.datetime.fromtimestamp(self._clock.wall_us() / 1e6, dt.UTC))
-        return await self._group.submit(t)
+        if groupable(t):  # a step commit: with those of the other runs ready now
+            return await self._group.submit(t)
+        return await self._run(lambda conn: _q.apply(conn, t, self._clock), "step commit", t.run_id)
 
     async def _flush(self, ts: Sequence[Transition]) -> list[Applied | Exception]:
         """Write the transitions submitted at once: one alone as before, several in one

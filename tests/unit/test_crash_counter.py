@@ -75,7 +75,9 @@ async def test_a_run_that_progresses_between_crashes_is_not_given_up(store: Stor
         flow.step(name, lambda ctx, name=name: calls.append(name))
     engine = FluxEngine(storage=store, lease=0.05, max_recoveries=2)
     engine.register(flow)
-    await engine.init()
+    # The engine starts (and its scheduler claims) only after the crashes are simulated:
+    # otherwise it may take the run between a simulated executor's read and its write.
+    await store.init()
     definition = flow.build()
     await store.create(
         RunRow(
@@ -108,6 +110,7 @@ async def test_a_run_that_progresses_between_crashes_is_not_given_up(store: Stor
                 insert_step=StepRow(index=index, name=name, status="completed", fence=row.fence),
             )
         )
+    await engine.init()
     results = await engine.recover()
     assert [r.status.value for r in results] == ["completed"]
     assert calls == ["f", "g"]
