@@ -29,7 +29,8 @@ _INSTALL_HINT = "PostgresStorage needs psycopg 3 and psycopg-pool: pip install '
 RUN_SELECT = (
     "id, name, definition_version, status, input::text, step_names::text, current_step, error, "
     "created_at, updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name, "
-    "run_after, wait_kind, attempt, requested, request_reason, priority, idempotency_key"
+    "run_after, wait_kind, attempt, requested, request_reason, priority, idempotency_key, "
+    "parent_id"
 )
 STEP_SELECT = (
     "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "

@@ -37,7 +37,7 @@ _SIGNAL_SELECT = "seq, name, payload::text, dedupe_key, created_at, consumed_by_
 _INSERT_RUN = (
     "INSERT INTO flux_runs (" + ", ".join(RUN_COLUMNS) + ", input_hash) VALUES (%s, %s, %s, %s, "
     "%s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, {lease}, %s, %s, %s, %s, %s, %s, "
-    "%s, %s, %s, %s)"
+    "%s, %s, %s, %s, %s)"
 )
 # One statement: pick the due runs in claim order, lock them (skipping rows another claimer
 # holds; a row changed since the snapshot is re-checked against the predicate), and claim
@@ -94,6 +94,7 @@ def _run_params(run: RunRow, owner: str | None, lease: float | None) -> list[Any
         run.request_reason,
         run.priority,
         run.idempotency_key,
+        run.parent_id,
     ]
     return params
 

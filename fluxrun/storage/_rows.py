@@ -53,6 +53,7 @@ RUN_COLUMNS = (
     "request_reason",
     "priority",
     "idempotency_key",
+    "parent_id",
 )
 """The order in which the stores select a run's columns."""
 
@@ -218,6 +219,7 @@ def run_from(r: Sequence[Any], when: Read, steps: tuple[StepRow, ...] = ()) -> R
         request_reason=r[21],
         priority=r[22],
         idempotency_key=r[23],
+        parent_id=r[24],
     )
 
 

@@ -34,6 +34,7 @@ from ._base import (
     transition_error,
 )
 from ._batch import BatchRow
+from ._children import MemoryChildren
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -134,7 +135,7 @@ class _Run:
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
+class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildren, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -326,6 +327,8 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
                 steps[t.update_step.index] = t.update_step
             for attempt in t.attempts:
                 entry.attempts.append(dataclasses.replace(attempt, seq=len(entry.attempts) + 1))
+            if t.wake is not None:
+                self._wake(t.wake)
             entry._patch.update(changes)
             return Applied(version=version + 1, fence=fence)
 
@@ -577,6 +580,7 @@ def _plain_step_commit(t: Transition) -> bool:
         and t.attempt is KEEP
         and t.step_names is None
         and t.definition_version is KEEP
+        and t.wake is None
     )
 
 

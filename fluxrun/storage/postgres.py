@@ -41,6 +41,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._children import PgChildren
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -92,7 +93,7 @@ def _same(value: dt.datetime | None) -> dt.datetime | None:
 _MIGRATION_LOCK = 28829699412227438
 
 
-class PostgresStorage(PostgresSchedules, PgBatches, Store):
+class PostgresStorage(PostgresSchedules, PgBatches, PgChildren, Store):
     """Durable store in a PostgreSQL database, shared by any number of processes.
 
     A step commit is one statement (one round trip, one commit): the run's update is a
@@ -263,6 +264,7 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
         simple = (
             t.delete_steps_from is None
             and t.consume_signal is None
+            and t.wake is None
             and (t.insert_step is None or t.update_step is None)
         )
         async with self._connection("step commit", t.run_id) as conn:
@@ -271,8 +273,10 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
             else:
                 async with transaction(conn):
                     applied = await _apply.apply_block(conn, t, update, params)
-            if (t.release and t.status not in FINISHED_STATUSES) or (
-                t.fence is None and t.claim is None
+            if (
+                (t.release and t.status not in FINISHED_STATUSES)
+                or (t.fence is None and t.claim is None)
+                or t.wake is not None  # a child's end: its parent may be due
             ):
                 await notify(conn)  # let go unfinished, or changed by an operator: maybe due
             return applied

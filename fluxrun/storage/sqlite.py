@@ -34,6 +34,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._children import SQLiteChildren
 from ._limits import (
     check_new_run,
     check_transition_numbers,
@@ -77,7 +78,7 @@ def _about(run_id: str | None) -> str:
     return "" if run_id is None else f" of run {run_id!r}"
 
 
-class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
+class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildren, Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a
