@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._codec import decode, encode, validate_text
-from .errors import DefinitionError, SerializationError
+from .errors import DefinitionError, InvalidArgumentError, SerializationError
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -31,6 +31,7 @@ __all__ = [
     "ChildMarker",
     "ChildOutcome",
     "ChildSpec",
+    "check_signal_name",
     "child_handler",
     "child_id",
     "child_of",
@@ -142,6 +143,16 @@ def child_signal(child: str) -> str:
 def is_child_signal(name: str | None) -> bool:
     """Whether ``name`` is a child outcome's signal (a parent waiting for a child)."""
     return name is not None and name.startswith(CHILD_PREFIX)
+
+
+def check_signal_name(name: str) -> str:
+    """Refuse a user's signal with a reserved name (it would pose as a child's outcome)."""
+    if name.startswith(CHILD_PREFIX):
+        raise InvalidArgumentError(
+            f"signal names starting with {CHILD_PREFIX!r} are reserved for child runs' "
+            f"outcomes, got {name!r}"
+        )
+    return name
 
 
 def child_of(name: str | None) -> str | None:

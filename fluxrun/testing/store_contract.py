@@ -52,6 +52,7 @@ from ..storage._base import (
     Store,
 )
 from ._rows import LONG_LEASE, at, make_run, make_step, must_load, t
+from .store_contract_children import *  # noqa: F403
 from .store_contract_core import *  # noqa: F403  (one import gives a user every test)
 from .store_contract_schedules import *  # noqa: F403
 from .store_contract_tail import *  # noqa: F403
