@@ -139,6 +139,22 @@ async def test_a_child_named_by_a_registered_name_and_a_result_from_a_client(
     assert result.history[0].output == {"v": 10}
 
 
+async def test_engines_sharing_a_store_share_parents_and_children(engines: Engines) -> None:
+    """Any engine may drive a parent or a child: each parent gets one child and its data."""
+    parent = create_workflow("shared").child(
+        "call", _doubler("shared-kid"), input=lambda c: c.input
+    )
+    one, two = await engines.open(), await engines.open()
+    for engine in (one, two):
+        engine.register(parent)
+    handles = [await (one, two)[i % 2].start(parent, {"n": i}) for i in range(8)]
+    for i, handle in enumerate(handles):
+        result = await handle.result(timeout=HANG)
+        assert result.status is WorkflowStatus.COMPLETED, result.error
+        assert result.history[0].output == {"v": 2 * i}
+        assert [k.id for k in await _children(one, handle.id)] == [f"{handle.id}:call"]
+
+
 # -- a child that fails ------------------------------------------------------------------------
 
 
