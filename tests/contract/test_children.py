@@ -155,6 +155,34 @@ async def test_engines_sharing_a_store_share_parents_and_children(engines: Engin
         assert [k.id for k in await _children(one, handle.id)] == [f"{handle.id}:call"]
 
 
+async def test_a_durable_batch_of_parents_waits_for_their_children(engines: Engines) -> None:
+    """A parent waiting for its child is still running for its batch (not waiting for
+    something from outside): the batch's results come once the children are done."""
+    engine = await engines.open()
+    parent = create_workflow("batched").child(
+        "call", _waits_for_go("batched-kid"), input=lambda c: c.input
+    )
+    batch = await engine.start_batch(parent, [1, 2, 3], concurrency=2)
+
+    async def all_children_wait() -> bool:
+        rows = [await _row_of(engine, f"{r.id}:call") for r in await _batch_runs(engine, batch)]
+        return all(row is not None and row.status == "suspended" for row in rows)
+
+    await until(all_children_wait, "every child waits for its signal")
+    progress = await batch.progress()
+    assert (progress.waiting, progress.finished) == (0, False)
+    for run in await _batch_runs(engine, batch):
+        await engine.send_signal(f"{run.id}:call", "go")
+    results = await batch.results(timeout=HANG)
+    assert results.succeeded == 3
+    assert [r.result.history[0].output for r in results.results if r.result] == [{"done": True}] * 3
+
+
+async def _batch_runs(engine: Any, batch: Any) -> list[RunRow]:
+    rows: list[RunRow] = await engine.storage.batch_runs(batch.id)
+    return rows
+
+
 # -- a child that fails ------------------------------------------------------------------------
 
 
