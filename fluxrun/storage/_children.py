@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import StorageError
 from ._base import FINISHED_STATUSES, RunRow, SignalRow, Wake
 from ._pg import RUN_SELECT as PG_RUN_SELECT
 from ._pg import fetchall
@@ -42,15 +43,18 @@ _SQLITE_WAKE = (
     "SELECT id, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals WHERE run_id = ?), "
     "?, ?, NULL, ? FROM flux_runs WHERE id = ? AND status NOT IN " + _FINISHED
 )
+# No lock on the parent's row: the child's transaction holds the child's, and one engine's
+# lease renewal locks both rows (in no set order) when it holds both runs. A sequence number
+# that another inbox write took meanwhile is a conflict: the statement is tried again.
 _PG_WAKE = (
-    # The parent's row lock (what send_signal takes) orders this with the parent's other
-    # inbox writes, so the sequence number is the next one.
-    "WITH p AS (SELECT id FROM flux_runs WHERE id = %s AND NOT (status = ANY(%s::text[])) "
-    "FOR NO KEY UPDATE) "
-    "INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
+    "WITH p AS (SELECT id FROM flux_runs WHERE id = %s AND NOT (status = ANY(%s::text[]))), "
+    "i AS (INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
     "SELECT p.id, (SELECT coalesce(max(s.seq), 0) + 1 FROM flux_signals AS s "
-    "WHERE s.run_id = p.id), %s, %s::jsonb, NULL, now() FROM p"
+    "WHERE s.run_id = p.id), %s, %s::jsonb, NULL, now() FROM p "
+    "ON CONFLICT DO NOTHING RETURNING seq) "
+    "SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM i)"
 )
+_PG_WAKE_TRIES = 20
 _CHILDREN = " FROM flux_runs WHERE parent_id = {} ORDER BY created_at, {}"
 
 
@@ -61,7 +65,15 @@ def sqlite_wake(conn: sqlite3.Connection, wake: Wake, now_us: int) -> None:
 
 async def pg_wake(conn: psycopg.AsyncConnection[Any], wake: Wake) -> None:
     """Append ``wake`` to its run's inbox, inside the caller's transaction block."""
-    await conn.execute(_PG_WAKE, (wake.run_id, list(FINISHED_STATUSES), wake.name, wake.payload))
+    params = (wake.run_id, list(FINISHED_STATUSES), wake.name, wake.payload)
+    for _ in range(_PG_WAKE_TRIES):
+        [(found, inserted)] = await fetchall(conn, _PG_WAKE, params)
+        if not found or inserted:
+            return  # written, or the parent is finished or gone
+    raise StorageError(
+        f"run {wake.run_id!r}: its inbox kept changing while a child's outcome was written",
+        workflow_id=wake.run_id,
+    )
 
 
 class MemoryChildren:

@@ -11,6 +11,7 @@ transition applies all the same.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from typing import Any
@@ -124,3 +125,28 @@ async def test_a_wake_rides_on_any_kind_of_transition(store: Store) -> None:
             t("c", 2, insert_step=make_step(0), wake=replace(WAKE, name="flux:child:again"))
         )
     assert [s.name for s in await store.list_signals("p")] == [WAKE.name]
+
+
+async def test_wakes_and_signals_racing_into_one_inbox_all_land(
+    store: Store, others: list[Store]
+) -> None:
+    """Children ending at once, and senders, through separate connections: every row
+    lands, numbered 1..n without a gap or a repeat."""
+    await _add(store, "p", status="suspended", wait_kind="signal", wait_name="flux:child:c0")
+    for i in range(6):
+        await _add(store, f"c{i}", name="kid", status="running", parent_id="p", created=i)
+
+    async def child_ends(i: int) -> None:
+        wake = replace(WAKE, name=f"flux:child:c{i}")
+        await others[i % len(others)].apply(t(f"c{i}", 1, status="completed", wake=wake))
+
+    async def sender(i: int) -> None:
+        await others[(i + 1) % len(others)].send_signal("p", "user", str(i))
+
+    await asyncio.gather(*(child_ends(i) for i in range(6)), *(sender(i) for i in range(6)))
+    signals = await store.list_signals("p")
+    assert [s.seq for s in signals] == list(range(1, 13))
+    assert sorted(s.name for s in signals if s.name != "user") == [
+        f"flux:child:c{i}" for i in range(6)
+    ]
+    assert sorted(s.payload for s in signals if s.name == "user") == [str(i) for i in range(6)]
