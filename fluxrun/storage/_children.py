@@ -43,9 +43,10 @@ _SQLITE_WAKE = (
     "SELECT id, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals WHERE run_id = ?), "
     "?, ?, NULL, ? FROM flux_runs WHERE id = ? AND status NOT IN " + _FINISHED
 )
-# No lock on the parent's row: the child's transaction holds the child's, and one engine's
-# lease renewal locks both rows (in no set order) when it holds both runs. A sequence number
-# that another inbox write took meanwhile is a conflict: the statement is tried again.
+# No lock on the parent's row: this transaction holds the child's row, and a lease renewal
+# of an engine holding both runs locks both rows in no set order, so waiting for the
+# parent's here could deadlock with it. A sequence number that another inbox write took
+# meanwhile (send_signal does the same) is a conflict: the statement is tried again.
 _PG_WAKE = (
     "WITH p AS (SELECT id FROM flux_runs WHERE id = %s AND NOT (status = ANY(%s::text[]))), "
     "i AS (INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
