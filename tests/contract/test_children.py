@@ -246,6 +246,33 @@ async def test_a_child_that_completes_on_a_retry_completes_the_step(engines: Eng
     assert [k.status for k in await _children(engine, result.id)] == ["failed", "completed"]
 
 
+async def test_retry_step_of_a_failed_child_step_starts_a_new_child(engines: Engines) -> None:
+    engine = await engines.open()
+    broken = {"yes": True}
+
+    def maybe(ctx: WorkflowContext) -> None:
+        if broken["yes"]:
+            raise RuntimeError("not yet")
+        ctx.data["fixed"] = True
+
+    parent = create_workflow("operator").child("call", create_workflow("fixable").step("s", maybe))
+    failed = await engine.execute(parent)
+    assert failed.status is WorkflowStatus.FAILED
+    broken["yes"] = False
+    again = await engine.retry_step(parent, failed.id, "call")
+    # It returns when the run stops to wait (as for a sleep); its handle waits for the end.
+    assert again is not None and again.status is WorkflowStatus.SUSPENDED
+    result = await engine.handle(failed.id).result(timeout=HANG)
+    assert result.status is WorkflowStatus.COMPLETED, result.error
+    assert result.history[0].child_id == f"{failed.id}:call:2"
+    assert result.history[0].output == {"fixed": True}
+    kids = await _children(engine, failed.id)
+    assert [(k.id, k.status) for k in kids] == [
+        (f"{failed.id}:call", "failed"),
+        (f"{failed.id}:call:2", "completed"),
+    ]
+
+
 # -- cancel ------------------------------------------------------------------------------------
 
 
