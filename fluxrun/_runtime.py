@@ -64,7 +64,7 @@ PARK_SECONDS = 60.0
 looked at (and logged) again."""
 
 _SUSPENDED = WorkflowStatus.SUSPENDED.value
-_TIMED = ("sleep", "backoff", "signal", "child")  # a wait may have a timeout (or be over)
+_TIMED = ("sleep", "backoff", "signal", "child")  # may be due soon: a timer, an outcome
 
 
 def wants_result(status: str, wait_kind: str | None, wait_name: str | None = None) -> bool:
