@@ -19,8 +19,9 @@ The scheduling verbs (``start``, ``claim_due``, ``next_due``, ``send_signal``, `
 work on the in-process cache: a whole-state store has no atomic insert-or-observe, no claim
 over sets of runs and no signal inbox. The unfinished runs of a workflow are read in from the
 user's storage on the first claim for it (so a restarted process continues them); timers
-and runs' states are written through, but a signal sent before its run waits for it and a
-pending cancel or pause live only in this process. ``counts`` is computed from ``list``.
+and runs' states are written through, but a signal sent before its run waits for it (a
+child run's outcome included) and a pending cancel or pause live only in this process.
+``counts`` is computed from ``list``; ``list_children`` scans it.
 """
 
 from __future__ import annotations

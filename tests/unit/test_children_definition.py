@@ -14,11 +14,13 @@ from fluxrun import (
     DefinitionError,
     FluxEngine,
     FluxError,
+    InvalidArgumentError,
     StepDescriptor,
     Workflow,
     WorkflowContext,
     WorkflowStatus,
     create_workflow,
+    wait,
 )
 from fluxrun.errors import ChildWorkflowError as FromErrors
 
@@ -100,6 +102,12 @@ def test_the_decorator_form_builds_the_same_child_step() -> None:
     assert wf.describe() == built.describe()
     spec = wf.build().steps[0].child
     assert spec is not None and spec.input is call
+
+
+def test_waits_cannot_use_the_reserved_signal_names() -> None:
+    with pytest.raises(InvalidArgumentError, match="reserved for child runs"):
+        wait("flux:child:someone")
+    assert wait("flux:childish").signal == "flux:childish"
 
 
 def test_child_workflow_error_is_a_flux_error_everywhere() -> None:
