@@ -180,7 +180,7 @@ async def _start(
     if found.status in FINISHED_STATUSES and await d.store.first_signal(d.id, name) is None:
         # It ended and its outcome was taken by this try before a crash cut the try short
         # (or it never reached a store without an inbox): put the outcome back for the wait.
-        data = replay_data(found.steps) if found.status == "completed" else None
+        data = replay_data(found.steps)
         text = outcome_text(child, found.name, found.status, data, found.error)
         await d.store.send_signal(d.id, name, text)
     return child, definition.name

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._codec import decode, encode, validate_text
 from .errors import DefinitionError, InvalidArgumentError, SerializationError
@@ -39,6 +39,7 @@ __all__ = [
     "child_spec",
     "flow_name",
     "is_child_signal",
+    "is_user_signal",
     "outcome_text",
     "read_outcome",
 ]
@@ -155,6 +156,11 @@ def check_signal_name(name: str) -> str:
     return name
 
 
+def is_user_signal(name: str | None) -> TypeGuard[str]:
+    """Whether ``name`` is a signal a user sent (not None, not a child's outcome)."""
+    return name is not None and not name.startswith(CHILD_PREFIX)
+
+
 def child_of(name: str | None) -> str | None:
     """The child run id a child outcome's signal names, else None."""
     if name is None or not name.startswith(CHILD_PREFIX):
@@ -165,7 +171,9 @@ def child_of(name: str | None) -> str | None:
 def outcome_text(
     child: str, workflow: str, status: str, data: dict[str, Any] | None, error: str | None
 ) -> str:
-    """The payload of a child's outcome signal (``data`` only for a completed child)."""
+    """The payload of a child's outcome signal (``data`` is kept for a completed child only)."""
+    if status != "completed":
+        data = None
     return encode(
         {"child": child, "workflow": workflow, "status": status, "data": data, "error": error},
         what=f"the outcome of child run {child!r}",

@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from ._children import child_signal, is_child_signal, outcome_text
+from ._children import child_signal, is_user_signal, outcome_text
 from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import decode
 from ._context import WorkflowContext
@@ -183,9 +183,8 @@ class DriverBase(RunMachine):
         # What the run waits for after this drive, when it suspended ("signal", "sleep",
         # "backoff", "child"): a caller waiting for its result waits through all but signals.
         self.wait_kind: str | None = None
-        # The engine's runtime (children start through it); the parent (gets this run's end).
-        self.host: Runtime | None = None
-        self.parent_id: str | None = None
+        self.host: Runtime | None = None  # the engine's runtime: children start through it
+        self.parent_id: str | None = None  # this run's end goes to that run's inbox
 
     @classmethod
     def from_row(
@@ -208,9 +207,7 @@ class DriverBase(RunMachine):
         signals.update(
             (r.waiting_for, decode(r.output) if r.output is not None else None)
             for r in sorted(rows.values(), key=lambda r: r.index)
-            if r.waiting_for is not None
-            and r.status != StepStatus.SUSPENDED.value
-            and not is_child_signal(r.waiting_for)  # a child's outcome is no ctx.signal
+            if is_user_signal(r.waiting_for) and r.status != StepStatus.SUSPENDED.value
         )
         driver = cls(
             definition=definition,
@@ -319,8 +316,7 @@ class DriverBase(RunMachine):
         done = status is WorkflowStatus.COMPLETED
         if not isinstance(error, str):
             error = None if done or self.error is None else safe_message(self.error)
-        data = self.data if done else None
-        text = outcome_text(self.id, self.definition.name, status.value, data, error)
+        text = outcome_text(self.id, self.definition.name, status.value, self.data, error)
         return Wake(self.parent_id or "", child_signal(self.id), text)
 
     def _lease_lost(self) -> LeaseLostError:

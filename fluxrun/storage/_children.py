@@ -91,8 +91,10 @@ class MemoryChildren:
             found.sort(key=lambda e: (e.col("created_at"), e.seq))
             return [e.row for e in found]
 
-    def _wake(self, wake: Wake) -> None:
-        """Append ``wake`` to its run's inbox (the caller holds the lock)."""
+    def _wake(self, wake: Wake | None) -> None:
+        """Append ``wake`` (if any) to its run's inbox (the caller holds the lock)."""
+        if wake is None:
+            return
         entry = self._runs.get(wake.run_id)
         if entry is None or entry.col("status") in FINISHED_STATUSES:
             return

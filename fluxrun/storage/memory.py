@@ -327,8 +327,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
                 steps[t.update_step.index] = t.update_step
             for attempt in t.attempts:
                 entry.attempts.append(dataclasses.replace(attempt, seq=len(entry.attempts) + 1))
-            if t.wake is not None:
-                self._wake(t.wake)
+            self._wake(t.wake)
             entry._patch.update(changes)
             return Applied(version=version + 1, fence=fence)
 
