@@ -36,6 +36,7 @@ from ._trace import FluxLogger, FluxTraceEvent, FluxTraceSink
 from ._whole_state_storage import WorkflowStorage
 from .errors import (
     BatchItemNotRunError,
+    ChildWorkflowError,
     CommittedStepError,
     CompensationError,
     ConcurrentModificationError,
@@ -91,6 +92,7 @@ __all__ = [
     "BatchItemResult",
     "BatchProgress",
     "BatchResult",
+    "ChildWorkflowError",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",

@@ -260,7 +260,7 @@ class BatchHandle:
                 row.error or "not run", workflow_id=row.id, workflow_name=row.name
             )
             return BatchItemResult(index, value, None, error, False, "not_run", row.id)
-        if batch_category(row.status, row.wait_kind, row.owner) == "pending":
+        if batch_category(row.status, row.wait_kind, row.owner, row.wait_name) == "pending":
             # Only when the batch is read as it finishes: report what is stored.
             return BatchItemResult(index, value, None, None, False, "waiting", row.id)
         return item_from_result(index, value, stored_result(row, started))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ._children import check_signal_name
 from ._codec import validate_text
 from ._records import StepExecution, WorkflowStatus
 from .errors import InvalidArgumentError, SerializationError
@@ -101,6 +102,7 @@ def wait(signal: str, *, timeout: float | dt.timedelta | None = None) -> WaitMar
         validate_text(signal, "signal name")
     except SerializationError as exc:
         raise InvalidArgumentError(exc.message) from None
+    check_signal_name(signal)  # a reserved name would wait for a child run's outcome
     seconds = (
         None if timeout is None else duration_seconds(timeout, "wait timeout", allow_zero=False)
     )

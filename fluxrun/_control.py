@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ._children import check_signal_name
 from ._codec import decode, encode, input_hash
 from ._concurrency import concurrency_key
 from ._context import MAX_WAIT_SECONDS
@@ -318,9 +319,10 @@ class RunControl:
             WorkflowNotFoundError: no run has this id.
             InvalidStateError: the run is finished.
             InvalidInputError: the payload cannot be stored.
+            InvalidArgumentError: ``name`` starts with ``"flux:child:"`` (reserved).
         """
         run_id = text_arg(run_id, "run id")
-        name = text_arg(name, "signal name")
+        name = check_signal_name(text_arg(name, "signal name"))
         dedupe = opt_text(dedupe_key, "dedupe_key")
         await self._ensure_ready()
         with naming(run_id, None):

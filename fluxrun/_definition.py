@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from ._children import ChildSpec, child_handler, child_spec, flow_name
 from ._codec import validate_text
 from ._concurrency import ConcurrencyLimit, check_concurrency
 from ._context import SleepMarker, duration_seconds, sleep
+from ._input import InputSpec
 from ._invoke import is_async
 from ._records import StepExecution
 from ._retry import RetryPolicy, seconds
@@ -18,7 +20,6 @@ from .errors import (
     DefinitionError,
     EmptyWorkflowError,
     InvalidArgumentError,
-    InvalidInputError,
     SerializationError,
 )
 
@@ -41,91 +42,6 @@ Condition = Callable[["WorkflowContext"], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class InputSpec:
-    """How a workflow's input is validated, stored and revived.
-
-    ``kind`` is ``"pydantic"`` (a model class), ``"dataclass"`` (a dataclass type) or
-    ``"predicate"`` (a callable returning truthy for valid input).
-    """
-
-    __slots__ = ("kind", "target")
-
-    def __init__(self, spec: object) -> None:
-        if isinstance(spec, type) and hasattr(spec, "model_validate"):
-            self.kind = "pydantic"
-        elif isinstance(spec, type) and dataclasses.is_dataclass(spec):
-            self.kind = "dataclass"
-        elif callable(spec) and not isinstance(spec, type):
-            self.kind = "predicate"
-        else:
-            raise DefinitionError(
-                "input spec must be a pydantic model class, a dataclass type or a predicate "
-                f"callable, got {spec!r}"
-            )
-        self.target: Any = spec
-
-    def validate(self, raw: Any, workflow: str) -> Any:
-        """Return the typed input for ``raw``, or raise :class:`InvalidInputError`."""
-        target = self.target
-        if self.kind == "pydantic":
-            try:
-                return target.model_validate(raw)
-            except Exception as exc:  # pydantic.ValidationError, without importing pydantic
-                details = exc.errors() if hasattr(exc, "errors") else str(exc)
-                raise InvalidInputError(
-                    f"Invalid input for workflow {workflow!r}: {exc}",
-                    workflow_name=workflow,
-                    details=details,
-                ) from exc
-        if self.kind == "dataclass":
-            if isinstance(raw, target):
-                return raw
-            if not isinstance(raw, Mapping):
-                raise InvalidInputError(
-                    f"Invalid input for workflow {workflow!r}: expected {target.__name__} or a "
-                    f"mapping of its fields, got {type(raw).__name__}",
-                    workflow_name=workflow,
-                )
-            try:
-                return target(**raw)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInputError(
-                    f"Invalid input for workflow {workflow!r}: {exc}",
-                    workflow_name=workflow,
-                    details=str(exc),
-                ) from exc
-        try:
-            ok = target(raw)
-        except Exception as exc:
-            raise InvalidInputError(
-                f"Invalid input for workflow {workflow!r}: the validator raised {exc!r}",
-                workflow_name=workflow,
-                details=repr(exc),
-            ) from exc
-        if not ok:
-            raise InvalidInputError(
-                f"Invalid input for workflow {workflow!r}: rejected by its validator",
-                workflow_name=workflow,
-            )
-        return raw
-
-    def to_plain(self, typed: Any) -> Any:
-        """The JSON-ready form stored for ``typed``."""
-        if self.kind == "pydantic":
-            return typed.model_dump(mode="json")
-        if self.kind == "dataclass":
-            return {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
-        return typed
-
-    def revive(self, plain: Any) -> Any:
-        """Rebuild the typed input from its stored form."""
-        if self.kind == "pydantic":
-            return self.target.model_validate(plain)
-        if self.kind == "dataclass":
-            return self.target(**plain)
-        return plain
-
-
 @dataclass(frozen=True, slots=True)
 class StepDefinition:
     """One step of a workflow. ``timeout`` is in seconds; ``retries`` None means the engine's
@@ -140,7 +56,9 @@ class StepDefinition:
     commit: bool = False
     retry: RetryPolicy | None = None
     kind: str = "step"
-    """``"step"``, or ``"sleep"`` for a builder ``.sleep`` step (for overviews and graphs)."""
+    """``"step"``, ``"sleep"`` (a builder ``.sleep`` step) or ``"child"`` (``.child``)."""
+    child: ChildSpec | None = None
+    """What a ``"child"`` step starts."""
     handler_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
     compensate_is_async: bool = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -162,6 +80,10 @@ class StepDescriptor:
     timeout: float | None
     has_condition: bool
     has_compensation: bool
+    kind: str = "step"
+    """``"step"``, ``"sleep"`` or ``"child"``."""
+    child: str | None = None
+    """The workflow a ``"child"`` step starts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +146,8 @@ def _describe(
                 timeout=s.timeout,
                 has_condition=s.when is not None,
                 has_compensation=s.compensate is not None,
+                kind=s.kind,
+                child=None if s.child is None else flow_name(s.child.flow),
             )
             for s in steps
         ),
@@ -411,6 +335,45 @@ class WorkflowBuilder:
         self._built = None
         return self
 
+    def child(
+        self,
+        name: str,
+        flow: Any,
+        *,
+        input: Handler | None = None,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        compensate: Handler | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> WorkflowBuilder:
+        """Append a step that runs workflow ``flow`` (a builder, ``Workflow``, definition or
+        registered name) as a child run with input ``input(ctx)`` (sync or async; None: no
+        input), waits for it durably, and takes the child's final ``ctx.data`` as its
+        output. A child that does not complete fails the step (``retries`` start a new
+        child; then the compensations run). ``timeout``: how long the step waits for its
+        child (which is then cancelled); the engine's ``default_timeout`` does not apply.
+
+        Raises:
+            DefinitionError: ``flow`` is not a workflow or ``input`` not callable (or a bad
+                option, as for :meth:`step`).
+        """
+        spec = child_spec(self._name, name, flow, input)
+        step = _make_step(
+            self._name,
+            name,
+            child_handler(spec),
+            commit=False,
+            retries=retries,
+            timeout=timeout,
+            when=when,
+            compensate=compensate,
+            retry=retry,
+        )
+        self._steps.append(dataclasses.replace(step, kind="child", child=spec))
+        self._built = None
+        return self
+
     def commit(
         self,
         name: str,
@@ -562,12 +525,44 @@ class Workflow:
             return self._add(fn, True, options)
         return lambda f: self._add(f, True, dict(options))
 
+    def child(
+        self,
+        flow: Any,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        timeout: float | dt.timedelta | None = None,
+        when: Condition | None = None,
+        compensate: Handler | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[F], F]:
+        """Decorate the function giving a child step's input (``fn(ctx)``): the next step
+        runs ``flow`` as a child run (see :meth:`WorkflowBuilder.child`)."""
+
+        def add(fn: F) -> F:
+            step = name or getattr(fn, "__name__", None)
+            self._builder.child(
+                step,  # type: ignore[arg-type]
+                flow,
+                input=fn,
+                retries=retries,
+                timeout=timeout,
+                when=when,
+                compensate=compensate,
+                retry=retry,
+            )
+            return fn
+
+        return add
+
     def compensate(self, step: str | Callable[..., Any]) -> Callable[[F], F]:
         """Decorate the compensation of ``step`` (its name or its decorated function)."""
         target = step if isinstance(step, str) else getattr(step, "__name__", None)
         steps = self._builder._steps
         for i, s in enumerate(steps):
-            if s.name == target or (not isinstance(step, str) and s.handler is step):
+            fn = s.handler if s.child is None else s.child.input
+            if s.name == target or (not isinstance(step, str) and fn is step):
                 index = i
                 break
         else:

@@ -16,12 +16,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from ._children import child_signal, is_user_signal, outcome_text
 from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import decode
 from ._context import WorkflowContext
 from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
-from ._invoke import Attempt, ErrorInfo, call_handler, describe, wait_for_thread
+from ._invoke import Attempt, ErrorInfo, call_handler, describe, safe_message, wait_for_thread
 from ._machine import RunMachine
 from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
@@ -33,10 +34,11 @@ from .errors import (
     SerializationError,
     StepTimeoutError,
 )
-from .storage._base import KEEP, Applied, AttemptRow, RunRow, StepRow, Store
+from .storage._base import KEEP, Applied, AttemptRow, RunRow, StepRow, Store, Wake
 
 if TYPE_CHECKING:
     from ._lease import LeaseKeeper
+    from ._runtime import Runtime
 
 __all__ = [
     "DriverBase",
@@ -179,8 +181,10 @@ class DriverBase(RunMachine):
         self._interruptible = False
         self._cut_at_close = False
         # What the run waits for after this drive, when it suspended ("signal", "sleep",
-        # "backoff"): a caller waiting for its result waits through sleeps and backoffs.
+        # "backoff", "child"): a caller waiting for its result waits through all but signals.
         self.wait_kind: str | None = None
+        self.host: Runtime | None = None  # the engine's runtime: children start through it
+        self.parent_id: str | None = None  # this run's end goes to that run's inbox
 
     @classmethod
     def from_row(
@@ -203,9 +207,9 @@ class DriverBase(RunMachine):
         signals.update(
             (r.waiting_for, decode(r.output) if r.output is not None else None)
             for r in sorted(rows.values(), key=lambda r: r.index)
-            if r.waiting_for is not None and r.status != StepStatus.SUSPENDED.value
+            if is_user_signal(r.waiting_for) and r.status != StepStatus.SUSPENDED.value
         )
-        return cls(
+        driver = cls(
             definition=definition,
             run_id=row.id,
             input=input,
@@ -221,6 +225,8 @@ class DriverBase(RunMachine):
             steps_from=row.steps_from,
             **kw,
         )
+        driver.parent_id = row.parent_id
+        return driver
 
     @property
     def data(self) -> dict[str, Any]:
@@ -294,12 +300,24 @@ class DriverBase(RunMachine):
         if patch.get("status") in TERMINAL_STATUSES:
             # A cancel or pause asked too late must not stop a later resume of this run.
             patch.setdefault("requested", None)
+            if self.parent_id is not None:
+                patch["wake"] = self._outcome(patch["status"], patch.get("error", KEEP))
         if patch.get("release"):
             snapshot = self.snapshot(patch.get("status", KEEP), self.tracked.saved(), self.signals)
             if snapshot is not None:
                 patch["snapshot"] = snapshot
         t = self.transition(updated_at=updated_at, **patch)
         self.record(t, await self.store.apply(t))
+        if t.wake is not None and self.host is not None:
+            self.host.on_idle()  # the parent may be driven here: look for it now
+
+    def _outcome(self, status: WorkflowStatus, error: object) -> Wake:
+        """The signal telling this child run's parent how it ended (in the same write)."""
+        done = status is WorkflowStatus.COMPLETED
+        if not isinstance(error, str):
+            error = None if done or self.error is None else safe_message(self.error)
+        text = outcome_text(self.id, self.definition.name, status.value, self.data, error)
+        return Wake(self.parent_id or "", child_signal(self.id), text)
 
     def _lease_lost(self) -> LeaseLostError:
         return LeaseLostError(

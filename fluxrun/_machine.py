@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from ._children import child_of, is_child_signal, read_outcome
 from ._definition import WorkflowDefinition
 from ._records import StepExecution, StepStatus, WorkflowStatus
 from ._state import apply_changes, entry, replay_data, snapshot_text
@@ -39,10 +40,13 @@ from .storage._base import (
     Snapshot,
     StepRow,
     Transition,
+    Wake,
 )
 
 __all__ = [
     "Cancel",
+    "ChildDone",
+    "ChildFailed",
     "Decision",
     "Deliver",
     "Forward",
@@ -145,6 +149,7 @@ class RunMachine:
         delete_steps_from: int | None = None,
         snapshot: Snapshot | None = None,
         run_after_from: dt.datetime | None = None,
+        wake: Wake | None = None,
         updated_at: dt.datetime,
     ) -> Transition:
         """One fenced write of this run as the machine last saw it."""
@@ -176,6 +181,7 @@ class RunMachine:
             delete_steps_from=delete_steps_from,
             snapshot=snapshot,
             run_after_from=run_after_from,
+            wake=wake,
         )
 
     def step_transition(self, row: StepRow) -> Transition:
@@ -293,12 +299,42 @@ class TimedOut:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildDone:
+    """The child run step ``index`` waits for completed: ``signal`` (its outcome, in the
+    inbox) completes the step with the child's data."""
+
+    index: int
+    signal: SignalRow
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFailed:
+    """The child run step ``index`` waits for did not complete: ``signal`` says how; the
+    step's attempt ``attempt`` failed."""
+
+    index: int
+    signal: SignalRow
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rest:
     """Nothing is due yet: put the run back as it was."""
 
 
 Decision = (
-    Forward | Rollback | Cancel | Pause | GiveUp | Park | WakeSleep | Deliver | TimedOut | Rest
+    Forward
+    | Rollback
+    | Cancel
+    | Pause
+    | GiveUp
+    | Park
+    | WakeSleep
+    | Deliver
+    | TimedOut
+    | ChildDone
+    | ChildFailed
+    | Rest
 )
 
 
@@ -361,7 +397,12 @@ def _decide_waiting(row: RunRow, signal: SignalRow | None, timer_due: bool) -> D
         return Rest()
     if kind == "sleep":
         return WakeSleep(index) if timer_due else Rest()
-    # A signal wait (kind "signal", or a run suspended before schema 3 recorded kinds).
+    # A signal wait (kind "signal", or a run suspended before schema 3 recorded kinds); a
+    # child step waits on its child's outcome signal.
+    if signal is not None and is_child_signal(signal.name):
+        if read_outcome(signal.payload, child_of(signal.name) or "?").completed:
+            return ChildDone(index, signal)
+        return ChildFailed(index, signal, waiting.retries + 1)
     if signal is not None:
         return Deliver(index, signal)
     if timer_due and row.run_after is not None:
@@ -459,6 +500,14 @@ def waiting_row(row: RunRow) -> StepRow:
         )
     for r in row.steps:
         if r.index == row.current_step and r.status == _SUSPENDED:
+            child = child_of(r.waiting_for)
+            if child is not None:
+                raise WorkflowNotSuspendedError(
+                    f"Workflow is waiting for its child run {child!r}, not for a signal",
+                    workflow_id=row.id,
+                    workflow_name=row.name,
+                    details={"status": row.status, "child_id": child},
+                )
             return r
     raise WorkflowNotSuspendedError(
         "Workflow state invalid: no suspended step found",

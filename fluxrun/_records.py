@@ -73,7 +73,9 @@ class StepExecution:
     or a step whose compensation failed (status ``compensating``), ``error`` is the message,
     ``error_type`` the exception's qualified class name (``"builtins.KeyError"``) and
     ``traceback`` its formatted traceback (the last 16 KB). ``wake_at``: for a step suspended
-    on a sleep (or a wait with a timeout), when it wakes (or times out).
+    on a sleep (or a wait with a timeout), when it wakes (or times out). ``child_id``: for
+    a ``.child`` step, the child run it started (its latest try's); its ``output`` is the
+    child's final data once it completed.
     """
 
     name: str
@@ -90,6 +92,7 @@ class StepExecution:
     error_type: str | None = None
     traceback: str | None = None
     wake_at: dt.datetime | None = None
+    child_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,9 @@ class WorkflowState:
     ``version`` rises by one on every save; ``current_step`` is the index of the step the run
     is at (the one running, or the last one it reached). ``wake_at``: when a waiting run
     becomes due by itself (a sleep's end, a retry after a backoff, a wait's timeout, a
-    delayed start), else None.
+    delayed start), else None. ``parent_id``: the run that started this one as a child
+    workflow (None for a run started otherwise); a parent's children are named by the
+    ``child_id`` of its history entries.
     """
 
     id: str
@@ -141,6 +146,7 @@ class WorkflowState:
     version: int
     definition_version: str | None = None
     wake_at: dt.datetime | None = None
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ class Registry:
                     workflow_name=definition.name,
                 )
         self._by_name[definition.name] = definition
+        self._adopt_children(definition)
         return definition
 
     def adopt(self, flow: FlowLike) -> WorkflowDefinition:
@@ -65,7 +66,15 @@ class Registry:
         definition = self.resolve(flow)
         if definition.name not in self._by_name:
             self._by_name[definition.name] = definition
+            self._adopt_children(definition)
         return definition
+
+    def _adopt_children(self, definition: WorkflowDefinition) -> None:
+        # The runs its child steps start are driven by the scheduler like any run, so the
+        # workflows they name as objects are known too (a name must be registered).
+        for step in definition.steps:
+            if step.child is not None and not isinstance(step.child.flow, str):
+                self.adopt(step.child.flow)
 
     def resolve(self, flow: FlowLike) -> WorkflowDefinition:
         """The definition a call's ``flow`` argument stands for.

@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from ._child_runs import await_child, cancel_children
+from ._children import ChildMarker
 from ._codec import decode, encode
 from ._context import SleepMarker, WaitMarker
 from ._definition import StepDefinition
@@ -104,6 +106,7 @@ class RunDriver(RollbackDriver):
             workflow_name=self.definition.name,
         )
         self.request = "cancel"
+        await cancel_children(self, message)  # children are cancelled with their parent
         if self.status is not WorkflowStatus.ROLLING_BACK:
             await self.save(
                 status=WorkflowStatus.ROLLING_BACK,
@@ -179,6 +182,10 @@ class RunDriver(RollbackDriver):
         duration = (time.perf_counter() - t0) * 1000.0
         if isinstance(result, WaitMarker | SleepMarker):
             return await self._suspend(index, step, result, changes, started, duration, attempts)
+        if isinstance(result, ChildMarker):
+            return await await_child(
+                self, index, step, result, changes, started, duration, attempts, t0
+            )
         try:
             output = None
             if result is not None:

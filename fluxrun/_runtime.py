@@ -16,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._child_runs import take_outcome, wait_timed_out
+from ._children import is_child_signal
 from ._codec import decode
 from ._concurrency import assign_key
 from ._definition import WorkflowDefinition
@@ -23,6 +25,8 @@ from ._driver import Failed, Interrupted, Released, utcnow
 from ._lease import LeaseKeeper
 from ._machine import (
     Cancel,
+    ChildDone,
+    ChildFailed,
     Decision,
     Deliver,
     Forward,
@@ -49,7 +53,6 @@ from .errors import (
     ConcurrentModificationError,
     EngineClosedError,
     FluxError,
-    WaitTimeoutError,
     WorkflowNotFoundError,
     with_run,
 )
@@ -62,15 +65,16 @@ PARK_SECONDS = 60.0
 looked at (and logged) again."""
 
 _SUSPENDED = WorkflowStatus.SUSPENDED.value
-_TIMED = ("sleep", "backoff", "signal")  # a signal wait may have a timeout
+_TIMED = ("sleep", "backoff", "signal", "child")  # may be due soon: a timer, an outcome
 
 
-def wants_result(status: str, wait_kind: str | None) -> bool:
+def wants_result(status: str, wait_kind: str | None, wait_name: str | None = None) -> bool:
     """Whether a caller waiting for a run's result gets it in this state: finished, paused,
-    or waiting for something from outside (a signal); not while it sleeps or backs off."""
+    or waiting for something from outside (a signal); not while it sleeps, backs off or
+    waits for a child run."""
     if status in FINISHED_STATUSES or status == WorkflowStatus.PAUSED.value:
         return True
-    return status == _SUSPENDED and wait_kind in (None, "signal")
+    return status == _SUSPENDED and wait_kind in (None, "signal") and not is_child_signal(wait_name)
 
 
 def waited_signal(row: RunRow) -> str | None:
@@ -124,7 +128,7 @@ class Runtime:
 
     def new_driver(self, definition: WorkflowDefinition, **kw: Any) -> RunDriver:
         """A driver for a run this engine has just created."""
-        return RunDriver(
+        driver = RunDriver(
             definition=definition,
             store=self.store,
             emitter=self.emitter,
@@ -132,6 +136,8 @@ class Runtime:
             keeper=self.keeper,
             **kw,
         )
+        driver.host = self
+        return driver
 
     def driver_from(
         self, definition: WorkflowDefinition, row: RunRow, applied: Applied, **kw: Any
@@ -139,7 +145,7 @@ class Runtime:
         """A driver for a stored run this engine has just claimed."""
         spec = definition.input_spec
         plain = decode(row.input)
-        return RunDriver.from_row(
+        driver = RunDriver.from_row(
             row,
             applied,
             definition=definition,
@@ -151,6 +157,8 @@ class Runtime:
             keeper=self.keeper,
             **kw,
         )
+        driver.host = self
+        return driver
 
     async def drive(
         self,
@@ -405,8 +413,8 @@ class Runtime:
         if isinstance(decision, Rollback | Cancel):
             failed = decision.failed if isinstance(decision, Rollback) else len(definition.steps)
             data = rollback_data(rows.values(), failed)
-        elif isinstance(decision, Forward | TimedOut):
-            # A timed-out wait's attempt failed: its changes are thrown away like any other.
+        elif isinstance(decision, Forward | TimedOut | ChildFailed):
+            # A timed-out wait's (or failed child's) attempt failed: its changes are dropped.
             data_at = decision.start if isinstance(decision, Forward) else decision.index
             data = replay_data(after, before=data_at, onto=base)
         else:
@@ -443,7 +451,7 @@ class Runtime:
         """Whether a stored run is where a result() waiter gets it (:func:`wants_result`),
         and stays there until something comes from outside: no cancel or pause asked of it,
         and no signal in its inbox for the wait it is suspended on."""
-        if not wants_result(row.status, row.wait_kind):
+        if not wants_result(row.status, row.wait_kind, row.wait_name):
             return False
         if row.status in FINISHED_STATUSES:
             return True
@@ -568,6 +576,8 @@ async def _go(driver: RunDriver, decision: Decision, row: RunRow) -> FluxResult:
             meta={"signal": decision.signal.name},
         )
         return await driver.forward(decision.index + 1)
+    if isinstance(decision, ChildDone | ChildFailed):
+        return await take_outcome(driver, decision)
     assert isinstance(decision, TimedOut)
     return await _timed_out(driver, decision, row)
 
@@ -577,12 +587,7 @@ async def _timed_out(driver: RunDriver, decision: TimedOut, row: RunRow) -> Flux
     index = decision.index
     step = driver.definition.steps[index]
     waiting = driver.rows.pop(index)
-    error = WaitTimeoutError(
-        f"step {step.name!r} waited for signal {waiting.waiting_for!r} and none came in time",
-        workflow_id=driver.id,
-        workflow_name=driver.definition.name,
-        step=step.name,
-    )
+    error = await wait_timed_out(driver, step, waiting)
     t0 = time.perf_counter()
     failed = Failed(error, decision.attempt, waiting.started_at or utcnow(), t0)
     await driver.save(

@@ -8,8 +8,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from ._children import child_of
 from ._codec import decode, encode, object_text, revive
-from ._definition import InputSpec
+from ._input import InputSpec
 from ._records import StepExecution, StepStatus, WorkflowState, WorkflowStatus
 from .storage._base import RunRow, StepRow
 
@@ -26,7 +27,9 @@ __all__ = [
 
 
 def entry(row: StepRow) -> StepExecution:
-    """The history entry of a recorded step."""
+    """The history entry of a recorded step (a child step waits on its child's outcome
+    signal: the entry names the child instead)."""
+    child = child_of(row.waiting_for)
     return StepExecution(
         name=row.name,
         status=StepStatus(row.status),
@@ -34,13 +37,14 @@ def entry(row: StepRow) -> StepExecution:
         completed_at=row.completed_at,
         suspended_at=row.suspended_at,
         compensated_at=row.compensated_at,
-        waiting_for=row.waiting_for,
+        waiting_for=row.waiting_for if child is None else None,
         duration_ms=row.duration_ms,
         output=None if row.output is None else decode(row.output),
         error=row.error,
         retries=row.retries,
         error_type=row.error_type,
         traceback=row.traceback,
+        child_id=child,
     )
 
 
@@ -153,4 +157,5 @@ def to_state(row: RunRow, spec: InputSpec | None) -> WorkflowState:
         wake_at=row.run_after
         if row.status in (WorkflowStatus.SUSPENDED.value, WorkflowStatus.PENDING.value)
         else None,
+        parent_id=row.parent_id,
     )

@@ -19,8 +19,9 @@ The scheduling verbs (``start``, ``claim_due``, ``next_due``, ``send_signal``, `
 work on the in-process cache: a whole-state store has no atomic insert-or-observe, no claim
 over sets of runs and no signal inbox. The unfinished runs of a workflow are read in from the
 user's storage on the first claim for it (so a restarted process continues them); timers
-and runs' states are written through, but a signal sent before its run waits for it and a
-pending cancel or pause live only in this process. ``counts`` is computed from ``list``.
+and runs' states are written through, but a signal sent before its run waits for it (a
+child run's outcome included) and a pending cancel or pause live only in this process.
+``counts`` is computed from ``list``; ``list_children`` scans it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from ._children import child_signal
 from ._codec import encode
 from ._records import StepStatus, WorkflowFilter, WorkflowState
 from ._state import changes_text, to_state
@@ -94,7 +96,7 @@ def _row_from_state(state: WorkflowState) -> RunRow:
             completed_at=h.completed_at,
             suspended_at=h.suspended_at,
             compensated_at=h.compensated_at,
-            waiting_for=h.waiting_for,
+            waiting_for=h.waiting_for if h.child_id is None else child_signal(h.child_id),
             duration_ms=h.duration_ms,
             output=None if h.output is None else encode(h.output),
             error=h.error,
@@ -122,6 +124,7 @@ def _row_from_state(state: WorkflowState) -> RunRow:
         error=state.error,
         completed_at=state.completed_at,
         steps=steps,
+        parent_id=state.parent_id,
     )
 
 
@@ -188,6 +191,8 @@ class WholeStateStorageAdapter(Store):
     async def apply(self, t: Transition) -> Applied:
         """Apply a transition to the cached run, then save its whole state."""
         await self._cached(t.run_id)
+        if t.wake is not None:
+            await self._cached(t.wake.run_id)  # the inbox it writes to is the cached run's
         applied = await self._cache.apply(t)
         await self._write_through(t.run_id)
         return applied

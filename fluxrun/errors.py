@@ -23,6 +23,7 @@ The tree::
     ├── WaitTimeoutError                a wait(name, timeout=...) saw no signal in time
     ├── IdempotencyConflictError        a start reused an idempotency key with another input
     ├── BatchItemNotRunError            a batch item never started: the batch stopped first
+    ├── ChildWorkflowError              a child run did not complete (or could not start)
     ├── NonRetryableError               raised by a step to skip its remaining attempts
     ├── CompensationError               a compensation failed after its retries
     ├── ConcurrentModificationError     a write was based on a stale version
@@ -41,6 +42,7 @@ from typing import Any
 
 __all__ = [
     "BatchItemNotRunError",
+    "ChildWorkflowError",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
@@ -211,6 +213,24 @@ class BatchItemNotRunError(FluxError):
     """The error of a batch item that never started: its batch stopped on an earlier item's
     failure (``continue_on_error=False``) or was cancelled first. It is reported, never
     raised; ``workflow_id`` names the item's run for a durable batch (stored ``cancelled``)."""
+
+
+class ChildWorkflowError(FluxError):
+    """A ``.child`` step's child run failed, was rolled back or cancelled (or could not be
+    started); it fails the step, whose retries and compensation apply. ``child_id`` names
+    the child run and ``child_status`` how it ended (None: it never started)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        child_id: str | None = None,
+        child_status: str | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.child_id = child_id
+        self.child_status = child_status
 
 
 class NonRetryableError(FluxError):

@@ -49,6 +49,7 @@ from ._types import (
     Started,
     StepRow,
     Transition,
+    Wake,
 )
 from ._workers import WorkerVerbs
 
@@ -73,6 +74,7 @@ __all__ = [
     "StepRow",
     "Store",
     "Transition",
+    "Wake",
     "check_request_kind",
     "check_transition",
     "delete_busy_error",
@@ -170,6 +172,13 @@ class Store(ScheduleVerbs, BatchStore, WorkerVerbs, abc.ABC):
         Raises:
             RunBusyError: a live lease owns the run (another executor is running it).
         """
+
+    async def list_children(self, parent_id: str) -> list[RunRow]:
+        """The runs whose ``parent_id`` is ``parent_id`` (child workflows), oldest first
+        (step rows need not be included). The default scans :meth:`list_runs`: correct,
+        not fast; the built-in stores use their ``parent_id`` index."""
+        found = [r for r in await self.list_runs(ListQuery()) if r.parent_id == parent_id]
+        return found[::-1]
 
     @abc.abstractmethod
     async def list_attempts(self, run_id: str) -> list[AttemptRow]:

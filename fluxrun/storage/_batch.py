@@ -53,6 +53,8 @@ FAILURE_STATUSES = ("failed", "rolled_back", "compensation_failed", "cancelled")
 
 StopKind = Literal["stopped", "cancelled"]
 
+_CHILD_WAIT = "flux:child:"  # a parent waiting for its child run (see fluxrun._children)
+_NOT_FOR_A_CHILD = f"substr(coalesce(wait_name, ''), 1, {len(_CHILD_WAIT)}) <> '{_CHILD_WAIT}'"
 # What each run of a batch counts as; the same rule as batch_category(), in SQL (both
 # dialects: owner IS NOT NULL means claimed; a claimed pending run is about to start).
 BATCH_CATEGORY_SQL = (
@@ -62,7 +64,8 @@ BATCH_CATEGORY_SQL = (
     "THEN 'failed' "
     "WHEN status = 'pending' AND owner IS NULL THEN 'pending' "
     "WHEN status = 'paused' OR (status = 'suspended' AND "
-    "(wait_kind IS NULL OR wait_kind = 'signal')) THEN 'waiting' "
+    "(wait_kind IS NULL OR wait_kind = 'signal') "
+    "AND " + _NOT_FOR_A_CHILD + ") THEN 'waiting' "
     "ELSE 'running' END"
 )
 
@@ -76,10 +79,12 @@ HOLDS_SLOT_SQL = (
 """A run of a batch that takes one of its slots (``holds_slot`` in the memory store)."""
 
 
-def batch_category(status: str, wait_kind: str | None, owner: str | None) -> str:
+def batch_category(
+    status: str, wait_kind: str | None, owner: str | None, wait_name: str | None = None
+) -> str:
     """What a run of a batch counts as: ``pending`` (not started), ``running`` (running,
-    rolling back, claimed, asleep or backing off), ``waiting`` (on a signal, or paused),
-    ``succeeded``, ``failed`` or ``not_run``."""
+    rolling back, claimed, asleep, backing off or waiting for a child run), ``waiting`` (on
+    a signal, or paused), ``succeeded``, ``failed`` or ``not_run``."""
     if status == "cancelled" and wait_kind == NOT_RUN:
         return "not_run"
     if status == "completed":
@@ -88,8 +93,10 @@ def batch_category(status: str, wait_kind: str | None, owner: str | None) -> str
         return "failed"
     if status == "pending" and owner is None:
         return "pending"
-    if status == "paused" or (status == "suspended" and wait_kind in (None, "signal")):
+    if status == "paused":
         return "waiting"
+    if status == "suspended" and wait_kind in (None, "signal"):
+        return "running" if (wait_name or "").startswith(_CHILD_WAIT) else "waiting"
     return "running"
 
 

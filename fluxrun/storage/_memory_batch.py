@@ -99,7 +99,7 @@ class MemoryBatches(BatchStore):
             counts: dict[str, int] = {}
             for e in self._members(batch_id):
                 r = e.row
-                key = batch_category(r.status, r.wait_kind, r.owner)
+                key = batch_category(r.status, r.wait_kind, r.owner, r.wait_name)
                 counts[key] = counts.get(key, 0) + 1
             return counts
 

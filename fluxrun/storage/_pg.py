@@ -30,7 +30,7 @@ RUN_SELECT = (
     "id, name, definition_version, status, input::text, step_names::text, current_step, error, "
     "created_at, updated_at, completed_at, version, fence, owner, lease_until, claims, wait_name, "
     "run_after, wait_kind, attempt, requested, request_reason, priority, idempotency_key, "
-    "concurrency_key"
+    "concurrency_key, parent_id"
 )
 STEP_SELECT = (
     "idx, name, status, started_at, completed_at, suspended_at, compensated_at, waiting_for, "

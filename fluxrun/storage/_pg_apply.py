@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConcurrentModificationError
 from ._base import Applied, Transition, transition_error
+from ._children import pg_wake
 from ._pg import (
     INSERT_ATTEMPTS,
     INSERT_ATTEMPTS_AFTER_UPDATE,
@@ -115,6 +116,8 @@ async def apply_block(
             raise unrecorded(t.run_id, index)
     if t.attempts:
         await conn.execute(INSERT_ATTEMPTS, attempt_params(t))
+    if t.wake is not None:
+        await pg_wake(conn, t.wake)
     return Applied(version=rows[0][0], fence=rows[0][1])
 
 

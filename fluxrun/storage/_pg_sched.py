@@ -35,11 +35,12 @@ __all__ = [
     "start",
 ]
 
+_SEND_TRIES = 20
 _SIGNAL_SELECT = "seq, name, payload::text, dedupe_key, created_at, consumed_by_step, consumed_at"
 _INSERT_RUN = (
     "INSERT INTO flux_runs (" + ", ".join(RUN_COLUMNS) + ", input_hash) VALUES (%s, %s, %s, %s, "
     "%s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, {lease}, %s, %s, %s, %s, %s, %s, "
-    "%s, %s, %s, %s, %s)"
+    "%s, %s, %s, %s, %s, %s)"
 )
 # One statement: pick the due runs in claim order, lock them (skipping rows another claimer
 # holds; a row changed since the snapshot is re-checked against the predicate), and claim
@@ -99,6 +100,7 @@ def _run_params(run: RunRow, owner: str | None, lease: float | None) -> list[Any
         run.priority,
         run.idempotency_key,
         run.concurrency_key,
+        run.parent_id,
     ]
     return params
 
@@ -211,21 +213,31 @@ async def send_signal(
                 if seen:
                     return SignalSent(seen[0][0], False)
             raise finished_error(run_id, run[0][0], run[0][1])
-        inserted = await fetchall(
-            conn,
-            "INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
-            "VALUES (%s, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals WHERE run_id = %s), "
-            "%s, %s::jsonb, %s, now()) ON CONFLICT (run_id, dedupe_key) DO NOTHING RETURNING seq",
-            (run_id, run_id, name, payload, dedupe_key),
+        # A child's outcome is written without this lock (see _children.pg_wake): a sequence
+        # number it took meanwhile is a conflict like a repeated dedupe key; try again.
+        for _ in range(_SEND_TRIES):
+            inserted = await fetchall(
+                conn,
+                "INSERT INTO flux_signals (run_id, seq, name, payload, dedupe_key, created_at) "
+                "VALUES (%s, (SELECT coalesce(max(seq), 0) + 1 FROM flux_signals "
+                "WHERE run_id = %s), %s, %s::jsonb, %s, now()) ON CONFLICT DO NOTHING "
+                "RETURNING seq",
+                (run_id, run_id, name, payload, dedupe_key),
+            )
+            if inserted:
+                return SignalSent(inserted[0][0], True)
+            if dedupe_key is not None:
+                seen = await fetchall(
+                    conn,
+                    "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
+                    (run_id, dedupe_key),
+                )
+                if seen:
+                    return SignalSent(seen[0][0], False)
+        raise _StorageError(
+            f"PostgreSQL send_signal of run {run_id!r}: its inbox kept changing; try again",
+            workflow_id=run_id,
         )
-        if inserted:
-            return SignalSent(inserted[0][0], True)
-        seen = await fetchall(
-            conn,
-            "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
-            (run_id, dedupe_key),
-        )
-        return SignalSent(seen[0][0], False)
 
 
 def _signal(r: Sequence[Any]) -> SignalRow:

@@ -54,6 +54,7 @@ RUN_COLUMNS = (
     "priority",
     "idempotency_key",
     "concurrency_key",
+    "parent_id",
 )
 """The order in which the stores select a run's columns."""
 
@@ -220,6 +221,7 @@ def run_from(r: Sequence[Any], when: Read, steps: tuple[StepRow, ...] = ()) -> R
         priority=r[22],
         idempotency_key=r[23],
         concurrency_key=r[24],
+        parent_id=r[25],
     )
 
 

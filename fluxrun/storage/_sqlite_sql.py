@@ -29,6 +29,7 @@ from ._base import (
     transition_error,
 )
 from ._batch import GATED_SQL
+from ._children import sqlite_wake
 from ._rows import (
     ATTEMPT_COLUMNS,
     RUN_COLUMNS,
@@ -252,6 +253,8 @@ def write(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
             INSERT_ATTEMPT,
             [(t.run_id, t.run_id, *attempt_fields(a, to_micros)) for a in t.attempts],
         )
+    if t.wake is not None:
+        sqlite_wake(conn, t.wake, clock.wall_us())
     return Applied(version=row[0], fence=row[1])
 
 
@@ -345,6 +348,7 @@ def run_values(run: RunRow, owner: str | None, until: int | None) -> tuple[Any, 
         run.priority,
         run.idempotency_key,
         run.concurrency_key,
+        run.parent_id,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "Started",
     "StepRow",
     "Transition",
+    "Wake",
 ]
 
 
@@ -148,6 +149,8 @@ class RunRow:
     priority: int = 0
     idempotency_key: str | None = None
     concurrency_key: str | None = None
+    parent_id: str | None = None
+    """The run that started this one as its child (``.child`` steps), or None."""
     snapshot: Snapshot | None = None
     steps_from: int = 0
     """Only :meth:`Store.load_tail` sets these: the run's snapshot, and the first index
@@ -178,6 +181,18 @@ class SignalRef:
 
     seq: int
     step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """A signal a transition appends to another run's inbox in the same transaction: a
+    child run's end, for its parent. Applied only if run ``run_id`` exists and is not
+    finished; otherwise it is dropped and the transition applies all the same."""
+
+    run_id: str
+    name: str
+    payload: str
+    """Encoded JSON text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +236,10 @@ class Transition:
 
     ``snapshot`` replaces the run's :class:`Snapshot`. Without one, a ``delete_steps_from``
     below the stored snapshot's ``at`` clears it (the rows it stands for are gone).
+
+    ``wake`` appends a signal to another run's inbox (see :class:`Wake`) if, and only if,
+    the transition applies; a store that can tell other processes that a run became due
+    (PostgreSQL's ``NOTIFY``) does so after it.
     """
 
     run_id: str
@@ -250,6 +269,7 @@ class Transition:
     step_names: tuple[str, ...] | None = None
     definition_version: str | Keep | None = KEEP
     concurrency_key: str | Keep | None = KEEP
+    wake: Wake | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from ._base import (
     transition_error,
 )
 from ._batch import BatchRow
+from ._children import MemoryChildren
 from ._concurrency import SlotGate, check_limits
 from ._limits import (
     check_new_run,
@@ -136,7 +137,7 @@ class _Run:
         return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
-class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
+class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildren, Store):
     """Keeps runs in a dict: fast, not durable, gone when the process ends.
 
     It has the same semantics as the SQL stores (compare-and-set, fencing, leases), with one
@@ -328,6 +329,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, Store):
                 steps[t.update_step.index] = t.update_step
             for attempt in t.attempts:
                 entry.attempts.append(dataclasses.replace(attempt, seq=len(entry.attempts) + 1))
+            self._wake(t.wake)
             entry._patch.update(changes)
             return Applied(version=version + 1, fence=fence)
 
@@ -591,6 +593,7 @@ def _plain_step_commit(t: Transition) -> bool:
         and t.step_names is None
         and t.definition_version is KEEP
         and t.concurrency_key is KEEP
+        and t.wake is None
     )
 
 

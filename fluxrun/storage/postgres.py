@@ -41,6 +41,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._children import PgChildren
 from ._concurrency import check_limits
 from ._group_commit import GroupCommitter, groupable
 from ._limits import (
@@ -98,7 +99,7 @@ _MIGRATION_LOCK = 28829699412227438
 _WRITERS = 2
 
 
-class PostgresStorage(PostgresSchedules, PgBatches, Store):
+class PostgresStorage(PostgresSchedules, PgBatches, PgChildren, Store):
     """Durable store in a PostgreSQL database, shared by any number of processes.
 
     A step commit is one statement (one round trip, one commit): the run's update is a
@@ -273,6 +274,7 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
         simple = (
             t.delete_steps_from is None
             and t.consume_signal is None
+            and t.wake is None
             and (t.insert_step is None or t.update_step is None)
         )
         if simple and groupable(t):
@@ -299,8 +301,10 @@ class PostgresStorage(PostgresSchedules, PgBatches, Store):
             else:
                 async with transaction(conn):
                     applied = await _apply.apply_block(conn, t, update, params)
-            if (t.release and t.status not in FINISHED_STATUSES) or (
-                t.fence is None and t.claim is None
+            if (
+                (t.release and t.status not in FINISHED_STATUSES)
+                or (t.fence is None and t.claim is None)
+                or t.wake is not None  # a child's end: its parent may be due
             ):
                 await notify(conn)  # let go unfinished, or changed by an operator: maybe due
             return applied

@@ -40,6 +40,7 @@ from ._base import (
     check_request_kind,
     delete_busy_error,
 )
+from ._children import SQLiteChildren
 from ._concurrency import check_limits
 from ._group_commit import GroupCommitter, groupable
 from ._limits import (
@@ -85,7 +86,7 @@ def _about(run_id: str | None) -> str:
     return "" if run_id is None else f" of run {run_id!r}"
 
 
-class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, Store):
+class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildren, Store):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a

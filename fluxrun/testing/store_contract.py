@@ -2,7 +2,9 @@
 (:mod:`fluxrun.testing.store_contract_core`, imported here) and the scheduling verbs:
 idempotent start, claim_due and its due rules, next_due, the signal inbox (FIFO, dedupe,
 consumed exactly once by a transition), cancel/pause requests, renew_leases reporting them,
-and counts. fluxrun runs it on MemoryStorage, SQLiteStorage and PostgresStorage.
+and counts; and child workflows (:mod:`fluxrun.testing.store_contract_children`: a run's
+``parent_id``, ``list_children``, a transition's ``wake``). fluxrun runs it on
+MemoryStorage, SQLiteStorage and PostgresStorage.
 
 To check a store of your own, import the tests into a test module and give them two
 fixtures (pytest and pytest-asyncio, in auto mode, are needed)::
@@ -52,6 +54,7 @@ from ..storage._base import (
     Store,
 )
 from ._rows import LONG_LEASE, at, make_run, make_step, must_load, t
+from .store_contract_children import *  # noqa: F403
 from .store_contract_core import *  # noqa: F403  (one import gives a user every test)
 from .store_contract_group import *  # noqa: F403
 from .store_contract_limits import *  # noqa: F403

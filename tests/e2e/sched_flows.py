@@ -230,7 +230,33 @@ busy = create_workflow("sc-busy").step("work", _work).step("after", _recorded("a
 
 quick = create_workflow("sc-quick").step("only", _recorded("only")).build()
 
-FLOWS = {f.name: f for f in (sleeper, backoff, inbox, waiter, cancel_saga, live, busy, quick)}
+
+# -- child workflows across a kill ----------------------------------------------------------------
+
+
+async def _kid_work(ctx: WorkflowContext) -> None:
+    record(ctx, "kid:start")
+    await _blocked(ctx, "kid")
+    record(ctx, "kid:done")
+    ctx.data["by"] = os.getpid()
+
+
+kid = create_workflow("sc-kid").step("work", _kid_work).build()
+"""A child workflow whose one step stays in flight until released."""
+
+parent = (
+    create_workflow("sc-parent")
+    .step("before", _recorded("before"))
+    .child("call", kid, input=lambda ctx: ctx.input)
+    .step("after", _recorded("after"))
+    .build()
+)
+"""A step, a child run of ``sc-kid`` (given the parent's input), and a step."""
+
+FLOWS = {
+    f.name: f
+    for f in (sleeper, backoff, inbox, waiter, cancel_saga, live, busy, quick, kid, parent)
+}
 
 
 def make_storage(backend: str, target: str) -> Any:

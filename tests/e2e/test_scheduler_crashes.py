@@ -807,3 +807,55 @@ async def test_clean_stop_releases_every_lease_at_once(
         if done != want:
             tally.add("lost" if not done else "duplicated", f"{run_id}: work done by {done}")
     tally.report(f"clean {signal.Signals(signum).name}", env, capsys, f" ({n} runs)")
+
+
+# -- child workflows across a kill -----------------------------------------------------------------
+
+
+async def test_kill_while_parents_wait_for_their_children(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL of the process driving children (in flight) whose parents wait for them:
+    another engine finishes the children, and their ends wake the parents, each of which
+    ends with its one child's data."""
+    n = 8
+    starts = [["sc-parent", env.inp()] for _ in range(n)]
+    child = Child(env, "parents", action="serve", starts=starts, lease=LEASE)
+    ids = run_ids(await child.wait_for("STARTED "))
+    kids = [f"{run_id}:call" for run_id in ids]
+
+    def all_kids_working() -> bool:
+        return {e.run_id for e in read_effects(env.fx) if e.key == "kid:start"} >= set(kids)
+
+    await until("every child to be inside its step", all_kids_working, child)
+    async with engine(env, drive=False) as looker:
+
+        async def parents_waiting() -> bool:
+            rows = await load_all(looker, ids)
+            return all(r.status == "suspended" and r.owner is None for r in rows.values())
+
+        await until("every parent to wait for its child", parents_waiting, child)
+        killed = child.kill()
+    Path(env.release).touch()
+    async with engine(env, drive=True) as e:
+        await until_all(e, ids, WorkflowStatus.COMPLETED, "every parent to complete")
+        after = await load_all(e, ids)
+        children = {run_id: await e.storage.list_children(run_id) for run_id in ids}
+    tally = Tally()
+    effects = by_run(read_effects(env.fx))
+    for run_id, kid_id in zip(ids, kids, strict=True):
+        tally.steps(run_id, effects[run_id], ["before", "after"], {"before"}, child.pid)
+        if [k.id for k in children[run_id]] != [kid_id]:
+            tally.add("duplicated", f"{run_id}: children {[k.id for k in children[run_id]]}")
+        starts_by = collections.Counter(x.pid for x in effects[kid_id] if x.key == "kid:start")
+        if starts_by != {child.pid: 1, os.getpid(): 1}:
+            tally.add("lost", f"{kid_id}: its step started by {dict(starts_by)}")
+        call = next(s for s in after[run_id].steps if s.name == "call")
+        if call.output is None or json.loads(call.output) != {"by": os.getpid()}:
+            tally.add("lost", f"{run_id}: the step's output is {call.output}")
+    tally.report(
+        "kill while parents wait for their children",
+        env,
+        capsys,
+        f" ({n} parents, {time.time() - killed:.1f}s after the kill)",
+    )

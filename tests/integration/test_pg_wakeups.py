@@ -7,6 +7,7 @@ depends on timing: the worker's poll is an hour where only a wake-up can move it
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from fluxrun import (
     create_workflow,
     wait,
 )
+from fluxrun.storage._base import Transition, Wake
+from fluxrun.testing._rows import LONG_LEASE, at, make_run
 
 pytestmark = pytest.mark.postgres
 
@@ -58,3 +61,38 @@ async def test_without_listen_a_worker_polls(fresh_pg_dsn: str) -> None:
         await client.send_signal(handle.id, "go", "bob")
         done = await handle.result(timeout=HANG)
         assert done.status is WorkflowStatus.COMPLETED and done.data["by"] == "bob"
+
+
+async def test_a_childs_end_notifies_the_workers(fresh_pg_dsn: str) -> None:
+    """A child run's last write (a finished status, so no wake-up of its own) carries its
+    parent's wake: other processes hear of it at once, since the parent may be due."""
+    writer, listening = PostgresStorage(fresh_pg_dsn), PostgresStorage(fresh_pg_dsn)
+    await writer.init()
+    heard = asyncio.Event()
+    stop = await listening.listen(heard.set)
+    assert stop is not None
+    try:
+        # Owned runs: creating them notifies nobody.
+        parent = make_run("p", status="suspended", wait_kind="signal", wait_name="flux:child:c")
+        await writer.create(parent, lease_owner="a", lease_seconds=LONG_LEASE)
+        child = make_run("c", name="kid", status="running", parent_id="p")
+        await writer.create(child, lease_owner="b", lease_seconds=LONG_LEASE)
+        await asyncio.wait_for(heard.wait(), HANG)  # the listener is up (it wakes once)
+        heard.clear()
+        end = Transition(
+            run_id="c",
+            expected_version=1,
+            updated_at=at(1),
+            fence=1,
+            status="completed",
+            release=True,
+            wake=Wake("p", "flux:child:c", '{"status": "completed"}'),
+        )
+        await writer.apply(end)
+        await asyncio.wait_for(heard.wait(), HANG)
+        [signal] = await writer.list_signals("p")
+        assert signal.name == "flux:child:c"
+    finally:
+        await stop()
+        await writer.close()
+        await listening.close()

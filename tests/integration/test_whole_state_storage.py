@@ -5,6 +5,7 @@ is executing."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -281,3 +282,35 @@ async def test_batches_in_process_work_but_durable_ones_are_refused() -> None:
         assert [r.status for r in result.results] == ["succeeded"] * 3
         with pytest.raises(StorageError, match="durable batches"):
             await engine.start_batch(flow, [1])
+
+
+async def test_child_workflows_run_on_a_whole_state_storage() -> None:
+    """The child and its parent both live in the user's storage; the child's end reaches
+    the parent through the adapter's in-process inbox, and cancel reaches the child."""
+    storage = DictStorage()
+    kid = create_workflow("ws-kid").step("d", lambda ctx: ctx.data.update(v=ctx.input * 2))
+    parent = create_workflow("ws-parent").child("call", kid, input=lambda ctx: ctx.input)
+    waiting = create_workflow("ws-waiting").child(
+        "call", create_workflow("ws-held").step("h", lambda ctx: wait("never"))
+    )
+    async with FluxEngine(storage=storage, retry_policy=FAST, poll_interval=0.05) as engine:
+        result = await engine.execute(parent, 21)
+        assert result.status is WorkflowStatus.COMPLETED, result.error
+        assert result.history[0].output == {"v": 42}
+        child_id = f"{result.id}:call"
+        assert storage.states[child_id].parent_id == result.id
+        assert storage.states[result.id].history[0].child_id == child_id
+        assert [r.id for r in await engine.storage.list_children(result.id)] == [child_id]
+
+        handle = await engine.start(waiting)
+        held = f"{handle.id}:call"
+
+        async def stored(status: str) -> None:
+            async with asyncio.timeout(30):  # a hang guard, not a timing check
+                while held not in storage.states or storage.states[held].status != status:
+                    await asyncio.sleep(0.01)
+
+        await stored("suspended")
+        assert await engine.cancel(handle.id) is True
+        assert (await handle.result(timeout=30)).status is WorkflowStatus.CANCELLED
+        await stored("cancelled")

@@ -14,6 +14,7 @@ EXPECTED_ALL = [
     "BatchItemResult",
     "BatchProgress",
     "BatchResult",
+    "ChildWorkflowError",
     "CommittedStepError",
     "CompensationError",
     "ConcurrentModificationError",
