@@ -31,8 +31,8 @@ __all__ = ["PgWrite", "flush_writes"]
 
 # v: one row per write (fin: the run completes); s: one step row per write.
 _GROUP = (
-    "WITH v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], "
-    "%s::timestamptz[], %s::integer[], %s::text[], %s::boolean[], %s::timestamptz[]) "
+    "WITH v AS (SELECT * FROM unnest(%b::text[], %b::bigint[], %b::bigint[], "
+    "%b::timestamptz[], %b::integer[], %b::text[], %b::boolean[], %b::timestamptz[]) "
     "AS v(id, expected, fence, at, cur, status, fin, done_at)), "
     "u AS (UPDATE flux_runs AS r SET version = r.version + 1, updated_at = v.at, "
     "current_step = v.cur, status = coalesce(v.status, r.status), "
@@ -51,9 +51,9 @@ _GROUP = (
     "s.status, s.started_at, s.completed_at, s.suspended_at, s.compensated_at, s.waiting_for, "
     "s.duration_ms, s.output::jsonb, s.error, s.retries, s.changes::jsonb, "
     "s.compensation_changes::jsonb, s.fence, s.error_type, s.traceback FROM unnest("
-    "%s::text[], %s::integer[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], "
-    "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::double precision[], %s::text[], "
-    "%s::text[], %s::integer[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[]) "
+    "%b::text[], %b::integer[], %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[], "
+    "%b::timestamptz[], %b::timestamptz[], %b::text[], %b::double precision[], %b::text[], "
+    "%b::text[], %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[]) "
     "AS s(run_id, idx, name, status, started_at, completed_at, suspended_at, compensated_at, "
     "waiting_for, duration_ms, output, error, retries, changes, compensation_changes, fence, "
     "error_type, traceback) JOIN u ON u.id = s.run_id) "

@@ -33,13 +33,40 @@ async def test_commits_made_at_once_are_batched(fresh_pg_dsn: str) -> None:
         await store.close()
 
 
-async def test_runs_in_flight_complete_with_group_commit(fresh_pg_dsn: str) -> None:
+# Values a batched statement must carry as they are: quotes, backslashes, NUL-free unicode
+# beyond the BMP, floats at the edges, big integers, empty and nested containers.
+ODD = [
+    'quote " and \\ backslash, comma, {brace}',
+    "émoji 🚀 and 漢字",
+    1.7976931348623157e308,
+    -0.0,
+    2**62,
+    {"nested": [[], {}, None, True, "NULL"]},
+    None,
+]
+
+
+async def test_runs_in_flight_keep_every_value_with_group_commit(fresh_pg_dsn: str) -> None:
     flow = create_workflow("many")
-    for i in range(5):
-        flow = flow.step(f"s{i}", lambda ctx, i=i: ctx.data.__setitem__(f"k{i}", i))
+    for i, value in enumerate(ODD):
+
+        def step(ctx: object, i: int = i, value: object = value) -> object:
+            ctx.data[f"k{i}"] = value  # type: ignore[attr-defined]
+            return {"i": i, "v": value, "n": ctx.input["n"]}  # type: ignore[attr-defined]
+
+        flow = flow.step(f"s{i}", step)
     async with FluxEngine(storage=PostgresStorage(fresh_pg_dsn)) as engine:
+        store = engine._store
+        before = store._group.largest  # type: ignore[attr-defined]
         results = await asyncio.gather(*(engine.execute(flow, {"n": n}) for n in range(100)))
+        assert store._group.largest > max(before, 1)  # type: ignore[attr-defined]
         assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
-        assert all(r.data == {f"k{i}": i for i in range(5)} for r in results)
-        again = await engine.get(results[0].id)
-        assert again is not None and [h.status.value for h in again.history] == ["completed"] * 5
+        expected = {f"k{i}": v for i, v in enumerate(ODD)}
+        for r in results:
+            assert r.data == expected
+            stored = await engine.get(r.id)
+            assert stored is not None and stored.data == expected
+            n = stored.input["n"]
+            assert [h.output for h in stored.history] == [
+                {"i": i, "v": v, "n": n} for i, v in enumerate(ODD)
+            ]
