@@ -28,6 +28,7 @@ import fluxrun
 from ._batches import run_batches
 from ._common import Report, Sizes
 from ._continue import run_continue
+from ._datasize import run_datasize
 from ._memory import run_memory
 from ._multihost import run_hosts
 from ._postgres import DSN_ENV, run_postgres, throwaway_server
@@ -47,6 +48,7 @@ SECTIONS = (
     "continue",
     "batches",
     "hosts",
+    "datasize",
 )
 _USES_PG = ("postgres", "timers", "restart", "batches")
 
@@ -156,6 +158,8 @@ async def _sections(
         await run_continue(report, sizes)
     if "batches" in wanted:
         ok = await run_batches(report, sizes, dsn) and ok
+    if "datasize" in wanted:
+        await run_datasize(report, sizes)
     if "hosts" in wanted:
         ok = await run_hosts(report, 20 if sizes.repeats == 1 else 2000) and ok
     if args.profile:

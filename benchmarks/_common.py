@@ -141,10 +141,12 @@ def big_data_workflow(name: str = "bench-big", changers: int = STEPS) -> Workflo
 # -- running them ----------------------------------------------------------------------------
 
 
-async def run_sequential(engine: FluxEngine, flow: WorkflowDefinition, n: int) -> None:
+async def run_sequential(
+    engine: FluxEngine, flow: WorkflowDefinition, n: int, input: Any = None
+) -> None:
     """``n`` runs of ``flow``, one after another."""
     for _ in range(n):
-        result = await engine.execute(flow)
+        result = await engine.execute(flow, input)
         _check(result.status, result.error)
 
 
