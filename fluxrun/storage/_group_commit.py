@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -58,6 +59,9 @@ _DEFAULTS = tuple(
     for f in dataclasses.fields(Transition)
     if f.name not in _SHAPED and f.default is not dataclasses.MISSING
 )
+# One C-level call reads them all (this runs for every step commit).
+_READ_OTHERS = operator.attrgetter(*(name for name, _ in _DEFAULTS))
+_OTHERS_DEFAULT = tuple(default for _, default in _DEFAULTS)
 assert all(
     f.default is not dataclasses.MISSING for f in dataclasses.fields(Transition)
     if f.name not in _SHAPED
@@ -73,7 +77,7 @@ def groupable(t: Transition) -> bool:
     caller without a turn of the loop in between."""
     if t.insert_step is None or t.fence is None or isinstance(t.current_step, type(KEEP)):
         return False
-    if not all(getattr(t, name) == default for name, default in _DEFAULTS):
+    if _READ_OTHERS(t) != _OTHERS_DEFAULT:
         return False
     if t.release:  # the last step with the run's completion
         return (
