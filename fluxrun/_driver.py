@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from ._children import child_signal, is_user_signal, outcome_text
-from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import decode
 from ._context import WorkflowContext
 from ._data import TrackedData
 from ._definition import StepDefinition, WorkflowDefinition
-from ._invoke import Attempt, ErrorInfo, call_handler, describe, safe_message, wait_for_thread
+from ._driver_common import Failed, Interrupted, Released, Settings, since, utcnow
+from ._invoke import Attempt, call_handler, safe_message, wait_for_thread
 from ._machine import RunMachine
 from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, StepStatus, WorkflowStatus
 from ._retry import RetryPolicy
@@ -34,7 +31,7 @@ from .errors import (
     SerializationError,
     StepTimeoutError,
 )
-from .storage._base import KEEP, Applied, AttemptRow, RunRow, StepRow, Store, Wake
+from .storage._base import KEEP, Applied, RunRow, StepRow, Store, Wake
 
 if TYPE_CHECKING:
     from ._lease import LeaseKeeper
@@ -50,77 +47,12 @@ __all__ = [
     "utcnow",
 ]
 
-_UTC = dt.UTC
 _COMPLETED = StepStatus.COMPLETED.value
 _PENDING = WorkflowStatus.PENDING
 _IMMUTABLE = (type(None), str, int, float, bool)
 
 
-def utcnow() -> dt.datetime:
-    """The current time as an aware UTC datetime."""
-    return dt.datetime.now(_UTC)
-
-
-def since(t0: float) -> dt.datetime:
-    """The UTC time at which ``time.perf_counter()`` read ``t0``."""
-    return utcnow() - dt.timedelta(seconds=time.perf_counter() - t0)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The engine settings a run needs."""
-
-    owner: str
-    default_retries: int
-    default_timeout: float | None
-    retry_policy: RetryPolicy
-    lease_seconds: float
-    max_value_size: int
-    executor: Callable[[], Executor]
-    sync_timeout_grace: float = 60.0
-    closing: Callable[[], bool] = lambda: False
-    durable_backoff: float = 1.0
-    clock: Clock = SYSTEM_CLOCK
-
-
 _INTERRUPT = "fluxrun: run cancelled"
-
-
-class Interrupted(Exception):
-    """Internal: a cancel cut the running attempt short."""
-
-
-class Released(Exception):
-    """Internal: the run was let go to wait in the store (a long retry backoff)."""
-
-
-class Failed(Exception):
-    """Internal: a step (or compensation) failed for good; carries what to record."""
-
-    def __init__(self, error: BaseException, attempts: int, started: dt.datetime, t0: float):
-        super().__init__("step failed")
-        self.error = error
-        self.attempts = attempts
-        self.started = started  # when the last attempt started
-        self.t0 = t0
-        self.info: ErrorInfo = describe(error)
-
-    def log_row(self, index: int, name: str, kind: str) -> AttemptRow:
-        """This failed attempt as an entry of the run's attempt log."""
-        info = self.info
-        return AttemptRow(
-            index=index,
-            name=name,
-            attempt=self.attempts,
-            kind=kind,
-            status=StepStatus.FAILED.value,
-            started_at=self.started,
-            finished_at=utcnow(),
-            duration_ms=(time.perf_counter() - self.t0) * 1000.0,
-            error_type=info.type,
-            error=info.message,
-            traceback=info.traceback,
-        )
 
 
 def _retryable(exc: BaseException, policy: RetryPolicy) -> bool:

@@ -16,35 +16,27 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._child_runs import take_outcome, wait_timed_out
 from ._children import is_child_signal
 from ._codec import decode
 from ._concurrency import assign_key
+from ._decisions import drive_decision
 from ._definition import WorkflowDefinition
-from ._driver import Failed, Interrupted, Released, utcnow
+from ._driver import utcnow
 from ._lease import LeaseKeeper
 from ._machine import (
     Cancel,
-    ChildDone,
     ChildFailed,
     Decision,
-    Deliver,
     Forward,
-    GiveUp,
     Park,
-    Pause,
     Rest,
     Rollback,
     TimedOut,
-    WakeSleep,
     decide,
-    deliver_step,
     rollback_data,
-    signal_ref,
-    woken_step,
 )
 from ._named import adopt_named_run
-from ._records import TERMINAL_STATUSES, FluxResult, StepExecution, WorkflowStatus
+from ._records import TERMINAL_STATUSES, FluxResult, WorkflowStatus
 from ._registry import Registry
 from ._runner import RunDriver, Settings
 from ._state import history, read_snapshot, replay_data
@@ -425,7 +417,9 @@ class Runtime:
         driver.data_at = data_at
         if row.requested is not None:
             driver.request, driver.request_reason = row.requested, row.request_reason
-        return await self.drive(driver, lambda d: _go(d, decision, row), want_result=want_result)
+        return await self.drive(
+            driver, lambda d: drive_decision(d, decision, row), want_result=want_result
+        )
 
     async def _put_back(self, row: RunRow, applied: Applied, decision: Rest | Park) -> None:
         now = utcnow()
@@ -528,83 +522,3 @@ def stored_result(row: RunRow, started: float) -> FluxResult:
         duration_ms=(time.perf_counter() - started) * 1000.0,
         error=error,
     )
-
-
-async def _go(driver: RunDriver, decision: Decision, row: RunRow) -> FluxResult:
-    """Carry out ``decision`` on a driver that holds the claimed run."""
-    now = utcnow()
-    if isinstance(decision, Forward):
-        return await driver.forward(decision.start, decision.attempt)
-    if isinstance(decision, Rollback):
-        driver.current_step = min(decision.failed, len(driver.names) - 1)
-        return await driver.rollback(decision.failed, decision.message)
-    if isinstance(decision, Cancel):
-        return await driver.cancel(decision.reason)
-    if isinstance(decision, Pause):
-        return await driver.on_request()
-    if isinstance(decision, GiveUp):
-        return await driver.give_up(decision.message)
-    if isinstance(decision, WakeSleep):
-        done = woken_step(row, Applied(driver.version, driver.fence), decision.index, now)
-        await driver.save(
-            updated_at=now,
-            status=WorkflowStatus.RUNNING,
-            update_step=done,
-            wait_kind=None,
-            run_after=None,
-        )
-        return await driver.forward(decision.index + 1)
-    if isinstance(decision, Deliver):
-        done = deliver_step(row, Applied(driver.version, driver.fence), decision, now)
-        await driver.save(
-            updated_at=now,
-            status=WorkflowStatus.RUNNING,
-            update_step=done,
-            wait_name=None,
-            wait_kind=None,
-            run_after=None,
-            consume_signal=signal_ref(decision),
-        )
-        payload = decode(decision.signal.payload)
-        driver.signals[decision.signal.name] = payload
-        await driver.event(
-            "signal:received",
-            step_name=done.name,
-            step_index=done.index,
-            status=WorkflowStatus.SUSPENDED.value,
-            input=payload,
-            meta={"signal": decision.signal.name},
-        )
-        return await driver.forward(decision.index + 1)
-    if isinstance(decision, ChildDone | ChildFailed):
-        return await take_outcome(driver, decision)
-    assert isinstance(decision, TimedOut)
-    return await _timed_out(driver, decision, row)
-
-
-async def _timed_out(driver: RunDriver, decision: TimedOut, row: RunRow) -> FluxResult:
-    """A wait saw no signal in time: its step's attempt failed with WaitTimeoutError."""
-    index = decision.index
-    step = driver.definition.steps[index]
-    waiting = driver.rows.pop(index)
-    error = await wait_timed_out(driver, step, waiting)
-    t0 = time.perf_counter()
-    failed = Failed(error, decision.attempt, waiting.started_at or utcnow(), t0)
-    await driver.save(
-        status=WorkflowStatus.RUNNING,
-        delete_steps_from=index,
-        wait_name=None,
-        wait_kind=None,
-        run_after=None,
-    )
-    driver.history[index] = StepExecution(name=step.name)  # not reached again yet
-    driver.current_step = index
-    try:
-        first = await driver.retry_after(index, step, failed)
-    except Released:
-        return driver.result()
-    except Interrupted:
-        return await driver.on_request()
-    if first is None:
-        return await driver.fail(index, step, failed, t0)
-    return await driver.forward(index, first)

@@ -28,7 +28,7 @@ from ._pg import run_row as pg_run_row
 if TYPE_CHECKING:
     import psycopg
 
-    from .memory import _Run
+    from ._memory_run import RunEntry
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ async def pg_wake(conn: psycopg.AsyncConnection[Any], wake: Wake) -> None:
 class MemoryChildren:
     """The child-workflow part of :class:`~fluxrun.storage.memory.MemoryStorage`."""
 
-    _runs: dict[str, _Run]
+    _runs: dict[str, RunEntry]
     _lock: threading.Lock
     _now: Callable[[], dt.datetime]
 

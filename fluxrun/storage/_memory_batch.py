@@ -25,7 +25,7 @@ from ._limits import check_new_run
 from ._sched import not_found_error
 
 if TYPE_CHECKING:
-    from .memory import _Run
+    from ._memory_run import RunEntry
 
 __all__ = ["MemoryBatches", "claim_entry", "gated", "holds_slot"]
 
@@ -35,7 +35,7 @@ def gated(r: RunRow) -> bool:
     return r.status == "pending" and r.owner is None and r.requested is None
 
 
-def claim_entry(e: _Run, owner: str, until: dt.datetime) -> RunRow:
+def claim_entry(e: RunEntry, owner: str, until: dt.datetime) -> RunRow:
     """Claim one run (the lock held): owner, lease, ``fence``, ``claims``, ``version``."""
     r = e.row
     e.row = dataclasses.replace(
@@ -58,7 +58,7 @@ def holds_slot(status: str, owner: str | None) -> bool:
 class MemoryBatches(BatchStore):
     """Batches kept in the store's dicts (the reference model of the SQL stores)."""
 
-    _runs: dict[str, _Run]
+    _runs: dict[str, RunEntry]
     _batches: dict[str, BatchRow]
     _lock: threading.Lock
     _now: Callable[[], dt.datetime]
@@ -88,7 +88,7 @@ class MemoryBatches(BatchStore):
         with self._lock:
             return self._batches.get(batch_id)
 
-    def _members(self, batch_id: str) -> list[_Run]:
+    def _members(self, batch_id: str) -> list[RunEntry]:
         found = [e for e in self._runs.values() if e.batch_id == batch_id]
         found.sort(key=lambda e: e.batch_index)
         return found
@@ -151,13 +151,13 @@ class MemoryBatches(BatchStore):
         limit: int,
         now: dt.datetime,
         admit: Callable[[RunRow], bool] | None = None,
-    ) -> list[_Run]:
+    ) -> list[RunEntry]:
         """The batch items to claim now (the lock held): of each running batch of these
         workflows, oldest batch first, its next items by index, while fewer than its
         ``concurrency`` runs hold a slot (and ``admit`` takes them: the workflow's own
         concurrency limit). A stop-on-error batch with a failed item stops here instead
         (its items not started are marked not run)."""
-        picked: list[_Run] = []
+        picked: list[RunEntry] = []
         batches = sorted(
             (b for b in self._batches.values() if b.status == "running" and b.name in wanted),
             key=lambda b: b.created_at,

@@ -44,7 +44,7 @@ _INSERT_RUN = (
 )
 # One statement: pick the due runs in claim order, lock them (skipping rows another claimer
 # holds; a row changed since the snapshot is re-checked against the predicate), and claim
-# them. The rule is MemoryStorage's _Run.due; "expired" keeps "expired leases first" for
+# them. The rule is MemoryStorage's RunEntry.due; "expired" keeps "expired leases first" for
 # the final order, which the claim itself erases (every claimed run has an owner).
 DUE_WHERE = (
     "name = ANY(%(names)s::text[]) AND " + UNOWNED + " "

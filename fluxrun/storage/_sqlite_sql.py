@@ -111,7 +111,7 @@ _CONSUME = (
     "WHERE run_id = ? AND seq = ? AND consumed_by_step IS NULL"
 )
 _FINISHED = "('" + "', '".join(FINISHED_STATUSES) + "')"
-# The due rule of Store.claim_due, in the order of MemoryStorage's _Run.due. It follows the
+# The due rule of Store.claim_due, in the order of MemoryStorage's RunEntry.due. It follows the
 # names and the lease rule (see _sqlite_lease); parameters: the wall clock now twice (timers
 # are wall-clock instants), the limit.
 _DUE = (

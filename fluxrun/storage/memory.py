@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from ..errors import ConcurrentModificationError, InvalidArgumentError
 from ._base import (
@@ -24,7 +22,6 @@ from ._base import (
     RunRow,
     SignalRow,
     SignalSent,
-    Snapshot,
     Started,
     StepRow,
     Store,
@@ -46,8 +43,10 @@ from ._limits import (
     row_limit,
     usable_fences,
 )
-from ._memory_batch import MemoryBatches, gated
+from ._memory_batch import MemoryBatches
 from ._memory_batch import claim_entry as _claim
+from ._memory_run import RunEntry, commit_step, plain_step_commit
+from ._memory_run import replace_row as _replace
 from ._memory_schedules import MemorySchedules
 from ._sched import check_signal, finished_error, not_found_error, unconsumable_error
 from ._sqlplan import PATCHED
@@ -58,83 +57,6 @@ __all__ = ["MemoryStorage"]
 _UTC = dt.UTC
 #: Run columns a transition may set (``KEEP`` leaves them), in the order the SQL stores do.
 _NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)  # stands in for "now" where none is read
-
-
-class _Run:
-    """Mutable twin of :class:`RunRow`, private to the store (never handed out)."""
-
-    __slots__ = (
-        "_patch",
-        "_row",
-        "attempts",
-        "batch_id",
-        "batch_index",
-        "input_hash",
-        "seq",
-        "signals",
-        "snapshot",
-        "steps",
-    )
-
-    def __init__(self, row: RunRow, seq: int, input_hash: str | None = None) -> None:
-        self._row = row
-        # Changes not yet copied into _row: a step commit only records what it changes, and
-        # the (wide) row is rebuilt once, when someone reads it.
-        self._patch: dict[str, object] = {}
-        self.seq = seq
-        self.steps: dict[int, object] = {}
-        self.attempts: list[AttemptRow] = []
-        self.signals: list[SignalRow] = []  # seq n is at index n - 1
-        self.input_hash = input_hash
-        self.snapshot: Snapshot | None = None
-        self.batch_id: str | None = None
-        self.batch_index = 0
-
-    @property
-    def row(self) -> RunRow:
-        """The run as stored now."""
-        if self._patch:
-            self._row = _replace(self._row, **self._patch)
-            self._patch = {}
-        return self._row
-
-    @row.setter
-    def row(self, value: RunRow) -> None:
-        self._row = value
-        self._patch = {}
-
-    def col(self, name: str) -> Any:
-        """One column of the run as stored now, without rebuilding the row."""
-        patch = self._patch
-        return patch[name] if name in patch else getattr(self._row, name)
-
-    def due(self, now: dt.datetime) -> bool:
-        """Whether :meth:`Store.claim_due` takes this run now (its name aside)."""
-        r = self.row
-        if r.owner is not None and r.lease_until is not None and r.lease_until > now:
-            return False  # a live lease: never stolen
-        if r.status in FINISHED_STATUSES:
-            return False
-        if r.requested is not None:
-            return True
-        if r.status in RECOVERABLE_STATUSES:
-            return r.run_after is None or r.run_after <= now
-        if r.status == "suspended":
-            if r.run_after is not None and r.run_after <= now:
-                return True
-            if r.wait_kind == "signal":
-                return any(
-                    s.name == r.wait_name and s.consumed_by_step is None for s in self.signals
-                )
-        return False
-
-    def gated(self) -> bool:
-        """Whether this is a batch item not started (the batch's claim takes it)."""
-        return self.batch_id is not None and gated(self.row)
-
-    def claim_order(self) -> tuple[bool, int, dt.datetime, int]:
-        r = self.row
-        return (r.owner is None, -r.priority, r.run_after or r.created_at, self.seq)
 
 
 class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildren, Store):
@@ -152,7 +74,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
         if not callable(clock):
             raise InvalidArgumentError(f"MemoryStorage clock must be callable, got {clock!r}")
         super().__init__()  # the schedules
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, RunEntry] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._keys: dict[tuple[str, str], str] = {}  # (name, idempotency key) -> run id
         self._lock = threading.Lock()
@@ -193,7 +115,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
             lease = lease_expiry(self._now(), lease_seconds)
         self._seq += 1
         stored = _replace(run, owner=owner, lease_until=lease, claims=1 if owner else 0, steps=())
-        self._runs[run.id] = _Run(stored, self._seq, input_hash)
+        self._runs[run.id] = RunEntry(stored, self._seq, input_hash)
         if run.idempotency_key is not None:
             self._keys[(run.name, run.idempotency_key)] = run.id
 
@@ -229,8 +151,8 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
                 raise ConcurrentModificationError(
                     f"run {t.run_id!r} no longer exists", workflow_id=t.run_id
                 )
-            if _plain_step_commit(t):
-                applied = _commit_step(entry, t)
+            if plain_step_commit(t):
+                applied = commit_step(entry, t)
                 if applied is not None:
                     return applied
             col = entry.col
@@ -364,7 +286,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
                 return ()
             return tuple(entry.steps[i] for i in sorted(entry.steps) if i < before)  # type: ignore[misc]
 
-    def _snapshot(self, entry: _Run) -> RunRow:
+    def _snapshot(self, entry: RunEntry) -> RunRow:
         steps = tuple(entry.steps[i] for i in sorted(entry.steps))
         return _replace(entry.row, steps=steps)
 
@@ -469,7 +391,7 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
                 for e in self._runs.values()
                 if e.row.name in wanted and e.due(now) and not e.gated()
             ]
-            due.sort(key=_Run.claim_order)
+            due.sort(key=RunEntry.claim_order)
             gate = None
             if checked:
                 gate = SlotGate(checked, (e.row for e in self._runs.values()))
@@ -550,69 +472,3 @@ class MemoryStorage(MemorySchedules, MemoryBatches, MemoryWorkers, MemoryChildre
                 if name is None or e.row.name == name:
                     found[e.row.status] = found.get(e.row.status, 0) + 1
             return found
-
-
-def _replace(row: RunRow, **changes: object) -> RunRow:
-    # dataclasses.replace re-runs __init__ with every field; on the per-step path it is
-    # cheaper to read every slot in one call and set each through its slot descriptor
-    # (which a frozen dataclass's __setattr__ does not guard).
-    new = object.__new__(RunRow)
-    get = changes.get
-    for (set_slot, name), value in zip(_SLOT_SETTERS, _ROW_SLOTS(row), strict=True):
-        set_slot(new, get(name, value))
-    return new
-
-
-_ROW_SLOTS = operator.attrgetter(*RunRow.__slots__)
-_SLOT_SETTERS: tuple[tuple[Callable[[RunRow, object], None], str], ...] = tuple(
-    (getattr(RunRow, name).__set__, name) for name in RunRow.__slots__
-)
-
-
-def _plain_step_commit(t: Transition) -> bool:
-    """Whether ``t`` only records a step's outcome under its fence (the hot path: one per
-    step) and moves the cursor and the status."""
-    return (
-        t.insert_step is not None
-        and t.fence is not None
-        and t.claim is None
-        and t.renew_lease is None
-        and not t.release
-        and t.update_step is None
-        and t.delete_steps_from is None
-        and not t.attempts
-        and t.consume_signal is None
-        and t.snapshot is None
-        and t.requested is KEEP
-        and t.error is KEEP
-        and t.completed_at is KEEP
-        and t.wait_name is KEEP
-        and t.run_after is KEEP
-        and t.wait_kind is KEEP
-        and t.attempt is KEEP
-        and t.step_names is None
-        and t.definition_version is KEEP
-        and t.concurrency_key is KEEP
-        and t.wake is None
-    )
-
-
-def _commit_step(entry: _Run, t: Transition) -> Applied | None:
-    """:meth:`MemoryStorage.apply` of a :func:`_plain_step_commit` that applies (the same
-    effect as the general path), or None to let the general path judge it."""
-    step = t.insert_step
-    assert step is not None
-    version = entry.col("version")
-    fence = entry.col("fence")
-    if fence != t.fence or version != t.expected_version or step.index in entry.steps:
-        return None  # the general path raises the precise error
-    entry.steps[step.index] = step
-    patch = entry._patch
-    patch["version"] = version + 1
-    patch["updated_at"] = t.updated_at
-    patch["claims"] = 1  # progress: only the current claim counts now
-    if t.current_step is not KEEP:
-        patch["current_step"] = t.current_step
-    if t.status is not KEEP:
-        patch["status"] = t.status
-    return Applied(version=version + 1, fence=fence)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import math
 import os
@@ -12,14 +11,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from ..errors import (
     ConcurrentModificationError,
     FluxError,
     InvalidArgumentError,
     SchemaVersionError,
-    with_run,
 )
 from ..errors import StorageError as _StorageError
 from . import _sqlite_sql as _q
@@ -55,6 +53,7 @@ from ._migrations import migrations
 from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
 from ._sqlite_batch import SQLiteBatches, batch_items
+from ._sqlite_conn import SQLiteConnections, about
 from ._sqlite_lease import (
     RENEW_LEASE,
     BootClock,
@@ -77,16 +76,10 @@ from ._workers import SQLiteWorkers
 
 __all__ = ["BootClock", "SQLiteStorage", "from_micros", "to_micros"]
 
-T = TypeVar("T")
 
-_SYNCHRONOUS = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
-
-
-def _about(run_id: str | None) -> str:
-    return "" if run_id is None else f" of run {run_id!r}"
-
-
-class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildren, Store):
+class SQLiteStorage(
+    SQLiteConnections, SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildren, Store
+):
     """Durable store in one SQLite file, in WAL mode; several processes may share the file.
 
     Each step commit is one short ``BEGIN IMMEDIATE`` transaction whose update is a
@@ -169,123 +162,6 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildre
             self._flush, write_alone_at_once=False
         )
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _open(self, busy_ms: int) -> sqlite3.Connection:
-        if self.path not in (":memory:", ""):
-            # Never create directories: a path in a missing one is most likely a mistake
-            # (a typo, an unmounted volume), and silently creating it would hide the runs.
-            parent = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(parent):
-                raise _StorageError(
-                    f"SQLiteStorage cannot open {self.path!r}: the directory {parent!r} "
-                    "does not exist (fluxrun creates no directories; create it first)"
-                )
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
-        # PRAGMA takes no bound parameters: both values come from checked settings.
-        conn.execute("PRAGMA busy_timeout = " + str(int(busy_ms)))
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(_SYNCHRONOUS[self._synchronous])
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        return conn
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._closed:
-            raise _StorageError(f"SQLiteStorage({self.path!r}) is closed")
-        if self._conn is None:
-            self._conn = self._open(self._busy_ms)
-        return self._conn
-
-    def _connect_fast(self) -> sqlite3.Connection:
-        # The event loop's own connection never waits for a lock (busy_timeout 0); an
-        # in-memory database has only the one connection.
-        if self.path == ":memory:":
-            return self._connect()
-        if self._closed:
-            raise _StorageError(f"SQLiteStorage({self.path!r}) is closed")
-        if self._fast is None:
-            self._fast = self._open(0)
-        return self._fast
-
-    def _guarded(
-        self,
-        conn: sqlite3.Connection,
-        fn: Callable[[sqlite3.Connection], T],
-        what: str,
-        run_id: str | None = None,
-    ) -> T:
-        try:
-            return fn(conn)
-        except (sqlite3.Error, OverflowError) as exc:
-            # OverflowError: a number the driver cannot bind; the stores check the numbers
-            # they know of, this keeps any other from escaping as a bare driver error.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise _StorageError(
-                f"SQLite {what}{_about(run_id)} failed on {self.path!r}: {exc}",
-                workflow_id=run_id,
-            ) from exc
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _locked(
-        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None = None
-    ) -> T:
-        with self._lock:
-            try:
-                conn = self._connect()
-            except (sqlite3.Error, OSError) as exc:
-                raise _StorageError(
-                    f"SQLite cannot open {self.path!r} for {what}{_about(run_id)}: {exc}",
-                    workflow_id=run_id,
-                ) from exc
-            return self._guarded(conn, fn, what, run_id)
-
-    def _try_on_loop(
-        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None
-    ) -> tuple[bool, T | None]:
-        """Run ``fn`` right here if nothing has to be waited for; (False, None) if it must wait."""
-        if not self._lock.acquire(blocking=False):
-            return False, None
-        try:
-            try:
-                conn = self._connect_fast()
-            except (sqlite3.Error, OSError):
-                return False, None  # the thread path reports the error with the full wait
-            try:
-                return True, self._guarded(conn, fn, what, run_id)
-            except _StorageError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, sqlite3.OperationalError) and (
-                    getattr(cause, "sqlite_errorcode", 0) & 0xFF in (5, 6)  # BUSY, LOCKED
-                ):
-                    return False, None  # another process holds the lock: wait on the thread
-                raise
-        finally:
-            self._lock.release()
-
-    async def _run(
-        self, fn: Callable[[sqlite3.Connection], T], what: str, run_id: str | None = None
-    ) -> T:
-        # A commit here costs ~0.1-0.2 ms, less than handing it to a thread, so it runs on
-        # the event loop when the database is free; when another process holds the write
-        # lock it is retried on the store's thread, so the loop never waits for a lock.
-        try:
-            done, result = self._try_on_loop(fn, what, run_id)
-            if done:
-                return result  # type: ignore[return-value]
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fluxrun-sqlite")
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._locked, fn, what, run_id)
-        except _StorageError as exc:
-            if run_id is not None:
-                with_run(exc, run_id)  # e.g. "closed" or a missing directory: name the run
-            raise
-
     # -- lifecycle --------------------------------------------------------------------------
 
     async def init(self) -> None:
@@ -310,18 +186,6 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildre
             conn.execute("DELETE FROM flux_schema")
             conn.execute("INSERT INTO flux_schema (version) VALUES (?)", (m.version,))
         conn.execute("COMMIT")
-
-    async def close(self) -> None:
-        """Close the connections and the store's thread."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
-        with self._lock:
-            self._closed = True
-            for conn in (self._fast, self._conn):
-                if conn is not None:
-                    conn.close()
-            self._fast = self._conn = None
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -370,7 +234,7 @@ class SQLiteStorage(SQLiteSchedules, SQLiteBatches, SQLiteWorkers, SQLiteChildre
             if isinstance(exc, FluxError):
                 return exc
             error = _StorageError(
-                f"SQLite step commit{_about(t.run_id)} failed on {self.path!r}: {exc}",
+                f"SQLite step commit{about(t.run_id)} failed on {self.path!r}: {exc}",
                 workflow_id=t.run_id,
             )
             error.__cause__ = exc
