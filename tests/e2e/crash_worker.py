@@ -58,6 +58,12 @@ TERMINAL = frozenset(
 )
 
 _fx_fd = -1
+# The largest group commit this process's store has made so far (written to
+# ``group-<pid>.log`` beside the effects directory whenever it grows: kills find batches of
+# step commits in flight, and the test shows there were some).
+_group_fd = -1
+_group_seen = 0
+_store: Any = None
 
 
 def run_input(idx: int) -> dict[str, Any]:
@@ -77,6 +83,11 @@ def signal_payload(idx: int) -> dict[str, int]:
 
 def _effect(ctx: WorkflowContext, key: str) -> None:
     os.write(_fx_fd, f"{ctx.id},{key},{ctx.attempt}\n".encode())
+    global _group_seen
+    largest = _store._group.largest if _store is not None else 0
+    if largest > _group_seen:
+        _group_seen = largest
+        os.write(_group_fd, f"{largest}\n".encode())
 
 
 def _work_seconds(idx: int, step: int) -> float:
@@ -133,15 +144,21 @@ def say(line: str) -> None:
 
 
 async def main(config: dict[str, Any]) -> None:
-    global _fx_fd
+    global _fx_fd, _group_fd, _store
     _fx_fd = os.open(
         os.path.join(config["fx_dir"], f"effects-{os.getpid()}.log"),
         os.O_WRONLY | os.O_APPEND | os.O_CREAT,
         0o644,
     )
+    _group_fd = os.open(
+        os.path.join(os.path.dirname(config["fx_dir"]), f"group-{os.getpid()}.log"),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+        0o644,
+    )
     flow = build_flow()
+    _store = make_storage(config["backend"], config["target"])
     engine = FluxEngine(
-        storage=make_storage(config["backend"], config["target"]),
+        storage=_store,
         lease=float(config["lease"]),
         max_recoveries=int(config["max_recoveries"]),
         retry_policy=RetryPolicy(initial_delay=0, jitter=False),

@@ -296,6 +296,11 @@ def test_kill_9_storm_loses_nothing(
 
     repeats = report.effects - report.expected_effects
     bound = rounds.kills * CONCURRENCY
+    # The step commits of the runs in flight were grouped (so kills met batches in flight).
+    grouped = max(
+        (int(n) for f in tmp_path.glob("group-*.log") for n in f.read_text().split()),
+        default=0,
+    )
     with capsys.disabled():
         print(
             f"\n{backend}: {report.runs} runs, {rounds.kills} kills, lost {report.lost}, "
@@ -303,7 +308,7 @@ def test_kill_9_storm_loses_nothing(
             f"{repeats} (bound {bound}, max {report.max_repeats} per step), "
             f"{report.rolled_back} rolled back, {report.signals} signalled, recovered "
             f"{sum(rounds.recovered.values())} ({_counts(rounds.recovered)}), "
-            f"integrity {report.integrity}; seed {seed}, "
+            f"integrity {report.integrity}, largest group commit {grouped}; seed {seed}, "
             f"{time.monotonic() - started:.1f}s"
         )
     assert rounds.errors == [], f"seed {seed}: {rounds.errors}"
@@ -313,5 +318,6 @@ def test_kill_9_storm_loses_nothing(
     assert report.duplicate_records == 0
     assert 0 <= repeats <= bound, f"seed {seed}"
     assert rounds.kills >= 1, f"seed {seed}: every worker finished before its kill"
+    assert grouped >= 2, f"seed {seed}: no step commits were grouped"
     if backend == "sqlite":
         assert report.integrity == "ok"
