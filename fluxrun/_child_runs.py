@@ -246,13 +246,14 @@ async def take_outcome(d: RunDriver, decision: ChildDone | ChildFailed) -> FluxR
         run_after=None,
         consume_signal=consumed,
     )
-    return await _after_failed_try(d, index, step, failed, t0)
+    return await after_failed_try(d, index, step, failed, t0)
 
 
-async def _after_failed_try(
+async def after_failed_try(
     d: RunDriver, index: int, step: StepDefinition, failed: Failed, t0: float
 ) -> FluxResult:
-    """A try of a waiting step failed after its row was taken back: retry or fail."""
+    """A try of a waiting step (on a child, on a signal that did not come in time) failed
+    after its row was taken back: retry or fail."""
     d.rows.pop(index, None)
     d.history[index] = StepExecution(name=step.name)  # not reached again yet
     d.current_step = index

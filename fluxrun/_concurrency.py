@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._codec import decode
-from ._records import WorkflowStatus
 from .errors import DefinitionError, InvalidInputError
 from .storage._concurrency import MAX_KEY_LENGTH
 from .storage._limits import INT32_MAX
@@ -100,7 +99,9 @@ async def assign_key(rt: Runtime, row: RunRow, definition: WorkflowDefinition) -
     (started by name or by a schedule, or before the workflow had a limit), and put it back
     for a claim that counts it (this claim did not); a key function that refuses the input
     fails the run, with nothing run."""
-    from ._driver import utcnow  # the driver's module imports the definitions: not at the top
+    # Not at the top: these modules import the definitions, which import this one.
+    from ._driver import utcnow
+    from ._named import refused_patch
 
     assert definition.concurrency is not None
     spec = definition.input_spec
@@ -113,18 +114,13 @@ async def assign_key(rt: Runtime, row: RunRow, definition: WorkflowDefinition) -
         )
         patch["concurrency_key"] = key
     except InvalidInputError as exc:
-        message = f"the input was refused before any step ran: {exc.message}"
-        rt.emitter.log.warning(f"{definition.name}/{row.id}: {message}")
-        patch.update(
-            status=WorkflowStatus.FAILED.value, error=message, completed_at=now, requested=None
-        )
+        patch = refused_patch(rt, row, exc, now)
     await rt.store.apply(
         Transition(
             run_id=row.id,
             expected_version=row.version,
             updated_at=now,
             fence=row.fence,
-            release=True,
-            **patch,
+            **{"release": True, **patch},
         )
     )

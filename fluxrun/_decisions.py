@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
-from ._child_runs import take_outcome, wait_timed_out
+from ._child_runs import after_failed_try, take_outcome, wait_timed_out
 from ._codec import decode
-from ._driver import Failed, Interrupted, Released, utcnow
+from ._driver import Failed, utcnow
 from ._machine import (
     Cancel,
     ChildDone,
@@ -30,7 +30,7 @@ from ._machine import (
     signal_ref,
     woken_step,
 )
-from ._records import FluxResult, StepExecution, WorkflowStatus
+from ._records import FluxResult, WorkflowStatus
 from ._runner import RunDriver
 from .storage._base import Applied, RunRow
 
@@ -104,14 +104,4 @@ async def _timed_out(driver: RunDriver, decision: TimedOut, row: RunRow) -> Flux
         wait_kind=None,
         run_after=None,
     )
-    driver.history[index] = StepExecution(name=step.name)  # not reached again yet
-    driver.current_step = index
-    try:
-        first = await driver.retry_after(index, step, failed)
-    except Released:
-        return driver.result()
-    except Interrupted:
-        return await driver.on_request()
-    if first is None:
-        return await driver.fail(index, step, failed, t0)
-    return await driver.forward(index, first)
+    return await after_failed_try(driver, index, step, failed, t0)

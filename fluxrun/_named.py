@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ._control import NewRun
     from ._runtime import Runtime
 
-__all__ = ["adopt_named_run", "prepare_named_run"]
+__all__ = ["adopt_named_run", "prepare_named_run", "refused_patch"]
 
 
 def prepare_named_run(
@@ -73,6 +73,22 @@ def prepare_named_run(
     return NewRun(row=row, typed=plain, plain=plain, input_hash=hashed)
 
 
+def refused_patch(
+    rt: Runtime, row: RunRow, refused: InvalidInputError, now: dt.datetime
+) -> dict[str, Any]:
+    """What fails a claimed run whose input its workflow refused before any step ran (the
+    input type, or a concurrency key function), logged; the run is let go."""
+    message = f"the input was refused before any step ran: {refused.message}"
+    rt.emitter.log.warning(f"{row.name}/{row.id}: {message}")
+    return dict(
+        status=WorkflowStatus.FAILED.value,
+        error=message,
+        completed_at=now,
+        release=True,
+        requested=None,
+    )
+
+
 async def adopt_named_run(
     rt: Runtime, row: RunRow, definition: WorkflowDefinition
 ) -> RunRow | None:
@@ -88,15 +104,7 @@ async def adopt_named_run(
             refused = exc
     patch: dict[str, Any] = {}
     if refused is not None:
-        message = f"the input was refused before any step ran: {refused.message}"
-        rt.emitter.log.warning(f"{definition.name}/{row.id}: {message}")
-        patch = dict(
-            status=WorkflowStatus.FAILED.value,
-            error=message,
-            completed_at=now,
-            release=True,
-            requested=None,
-        )
+        patch = refused_patch(rt, row, refused, now)
     applied = await rt.store.apply(
         Transition(
             run_id=row.id,

@@ -187,6 +187,20 @@ async def next_due(conn: psycopg.AsyncConnection[Any], names: Sequence[str]) -> 
     return utc(rows[0][0])
 
 
+async def _sent_before(
+    conn: psycopg.AsyncConnection[Any], run_id: str, dedupe_key: str | None
+) -> SignalSent | None:
+    """The signal sent to the run before with this dedupe key, as a repeat; or None."""
+    if dedupe_key is None:
+        return None
+    seen = await fetchall(
+        conn,
+        "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
+        (run_id, dedupe_key),
+    )
+    return SignalSent(seen[0][0], False) if seen else None
+
+
 async def send_signal(
     conn: psycopg.AsyncConnection[Any],
     run_id: str,
@@ -204,14 +218,9 @@ async def send_signal(
             raise not_found_error(run_id)
         if run[0][1] in FINISHED_STATUSES:
             # A repeat is answered as such even when the run has finished since (a retry).
-            if dedupe_key is not None:
-                seen = await fetchall(
-                    conn,
-                    "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
-                    (run_id, dedupe_key),
-                )
-                if seen:
-                    return SignalSent(seen[0][0], False)
+            seen = await _sent_before(conn, run_id, dedupe_key)
+            if seen is not None:
+                return seen
             raise finished_error(run_id, run[0][0], run[0][1])
         # A child's outcome is written without this lock (see _children.pg_wake): a sequence
         # number it took meanwhile is a conflict like a repeated dedupe key; try again.
@@ -226,14 +235,9 @@ async def send_signal(
             )
             if inserted:
                 return SignalSent(inserted[0][0], True)
-            if dedupe_key is not None:
-                seen = await fetchall(
-                    conn,
-                    "SELECT seq FROM flux_signals WHERE run_id = %s AND dedupe_key = %s",
-                    (run_id, dedupe_key),
-                )
-                if seen:
-                    return SignalSent(seen[0][0], False)
+            seen = await _sent_before(conn, run_id, dedupe_key)
+            if seen is not None:
+                return seen
         raise _StorageError(
             f"PostgreSQL send_signal of run {run_id!r}: its inbox kept changing; try again",
             workflow_id=run_id,
