@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..errors import ConcurrentModificationError, FluxError
+from ..errors import ConcurrentModificationError
 from ._base import (
     FINISHED_STATUSES,
     Applied,
@@ -54,7 +54,6 @@ __all__ = [
     "STEP_SELECT",
     "UPDATE_STEP",
     "apply",
-    "apply_many",
     "claim_due",
     "counts",
     "duplicate",
@@ -73,6 +72,7 @@ __all__ = [
     "step_values",
     "steps_before",
     "to_micros",
+    "update_statement",
 ]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -146,37 +146,9 @@ def apply(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
     return applied
 
 
-def apply_many(
-    conn: sqlite3.Connection,
-    ts: Sequence[Transition],
-    clock: LeaseClock,
-    failed: Callable[[Transition, Exception], Exception],
-) -> list[Applied | Exception]:
-    """Apply several transitions in one ``BEGIN IMMEDIATE`` transaction (a group commit),
-    each inside a savepoint of its own: one that is refused is undone alone (its error,
-    made by ``failed`` from what was raised, is its outcome) and the others commit."""
-    conn.execute("BEGIN IMMEDIATE")  # the caller's guard rolls back on an error
-    outcomes: list[Applied | Exception] = []
-    for t in ts:
-        conn.execute("SAVEPOINT flux_write")
-        try:
-            outcomes.append(write(conn, t, clock))
-        except (FluxError, sqlite3.Error, OverflowError) as exc:
-            conn.execute("ROLLBACK TO flux_write")
-            outcomes.append(failed(t, exc))
-        conn.execute("RELEASE flux_write")
-    conn.execute("COMMIT")
-    return outcomes
-
-
-def write(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
-    """The writes of one transition, inside the caller's transaction (see :func:`apply`);
-    raises, with its writes to be undone by the caller, if it does not apply."""
-    # The clocks are read once the write lock is held, so waiting for it cannot shorten a
-    # lease written here; a plain step commit (fenced, no claim or renewal) reads none.
-    now = None
-    if t.fence is None or t.claim is not None or t.renew_lease is not None:
-        now = clock.now()
+def update_statement(t: Transition, clock: LeaseClock, now: Any) -> tuple[str, list[Any]]:
+    """The run's ``UPDATE`` for ``t`` (a compare-and-set on version, and fence or lease)
+    with its parameters; ``now`` is the clocks' reading when ``t`` needs one."""
     sets = ["version = version + 1", "updated_at = ?"]
     params: list[Any] = [to_micros(t.updated_at)]
     where = ["id = ?", "version = ?"]
@@ -205,14 +177,26 @@ def write(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied
     sets += patched
     params += patch_params
     update = "UPDATE flux_runs SET " + ", ".join(sets) + " WHERE " + " AND ".join(where)
+    return update, params + wparams
+
+
+def write(conn: sqlite3.Connection, t: Transition, clock: LeaseClock) -> Applied:
+    """The writes of one transition, inside the caller's transaction (see :func:`apply`);
+    raises, with its writes to be undone by the caller, if it does not apply."""
+    # The clocks are read once the write lock is held, so waiting for it cannot shorten a
+    # lease written here; a plain step commit (fenced, no claim or renewal) reads none.
+    now = None
+    if t.fence is None or t.claim is not None or t.renew_lease is not None:
+        now = clock.now()
+    update, params = update_statement(t, clock, now)
     row: tuple[int, int] | None
     if t.fence is not None and t.claim is None:
         # The usual step commit: the new version and fence are known, and SQLite's
         # RETURNING (which goes through a temporary table) would cost a fifth of it.
-        applied = conn.execute(update, params + wparams).rowcount == 1
+        applied = conn.execute(update, params).rowcount == 1
         row = (t.expected_version + 1, t.fence) if applied else None
     else:
-        row = conn.execute(update + " RETURNING version, fence", params + wparams).fetchone()
+        row = conn.execute(update + " RETURNING version, fence", params).fetchone()
     if row is None:
         raise _diagnose(conn, t, clock)
     if t.consume_signal is not None:

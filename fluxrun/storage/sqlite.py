@@ -54,6 +54,7 @@ from ._rows import ATTEMPT_COLUMNS, attempt_from
 from ._sched import check_signal
 from ._sqlite_batch import SQLiteBatches, batch_items
 from ._sqlite_conn import SQLiteConnections, about
+from ._sqlite_group import apply_many
 from ._sqlite_lease import (
     RENEW_LEASE,
     BootClock,
@@ -241,7 +242,7 @@ class SQLiteStorage(
             return error
 
         return await self._run(
-            lambda conn: _q.apply_many(conn, ts, self._clock, failed), "group commit"
+            lambda conn: apply_many(conn, ts, self._clock, failed), "group commit"
         )
 
     async def delete(self, run_id: str) -> bool:
