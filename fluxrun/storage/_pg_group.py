@@ -17,9 +17,10 @@ of :class:`Transition` adds, takes the single-write path.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..errors import StorageError
 from ._base import KEEP, Applied, Transition
 from ._pg import fetchall, step_values
 from ._pg_apply import diagnose
@@ -95,28 +96,32 @@ def _params(writes: Sequence[PgWrite]) -> list[Any]:
 
 
 async def flush_writes(
-    conn: psycopg.AsyncConnection[Any],
-    writes: Sequence[PgWrite],
-    alone: Callable[[PgWrite], Awaitable[Applied]],
-) -> list[Applied | BaseException]:
-    """Write ``writes`` in one statement on ``conn``; the outcome of each, in order. A
-    statement that fails as a whole is undone, and each write is then made by ``alone``."""
+    conn: psycopg.AsyncConnection[Any], writes: Sequence[PgWrite]
+) -> list[Applied | BaseException] | None:
+    """Write ``writes`` in one statement on ``conn``; the outcome of each, in order, or
+    None if the statement failed as a whole (then nothing of it was written: the caller
+    makes each write on its own, on a connection of its own)."""
     import psycopg
 
     try:
         rows = await fetchall(conn, _GROUP, _params(writes))
     except psycopg.Error:
-        # Undone as a whole (one autocommit statement): each write on its own now.
-        outcomes: list[Applied | BaseException] = []
-        for w in writes:
-            try:
-                outcomes.append(await alone(w))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        return None  # one autocommit statement: undone as a whole
     applied = {run_id: Applied(version=v, fence=f) for run_id, v, f in rows}
     result: list[Applied | BaseException] = []
     for w in writes:
         got = applied.get(w.t.run_id)
-        result.append(got if got is not None else await diagnose(conn, w.t))
+        if got is not None:
+            result.append(got)
+            continue
+        try:
+            result.append(await diagnose(conn, w.t))
+        except psycopg.Error as exc:  # the others committed: only this one is in doubt
+            result.append(
+                StorageError(
+                    f"PostgreSQL step commit of run {w.t.run_id!r} was refused, and why "
+                    f"could not be read: {exc}",
+                    workflow_id=w.t.run_id,
+                )
+            )
     return result

@@ -289,10 +289,22 @@ class PostgresStorage(PostgresSchedules, PgBatches, PgChildren, Store):
                 return [await self._apply(w.t, w.update, w.params, True)]
             except Exception as exc:
                 return [exc]
-        async with self._connection("group commit") as conn:
-            return await flush_writes(
-                conn, writes, lambda w: self._apply(w.t, w.update, w.params, True)
-            )
+        try:
+            async with self._connection("group commit") as conn:
+                outcome = await flush_writes(conn, writes)
+        except _StorageError:
+            outcome = None  # no connection, or cut off: each write on its own says so
+        if outcome is not None:
+            return outcome
+        # Each on its own now (the batch's connection given back first, so that a pool of
+        # one connection serves them too), each error naming its run.
+        alone: list[Applied | BaseException] = []
+        for w in writes:
+            try:
+                alone.append(await self._apply(w.t, w.update, w.params, True))
+            except Exception as exc:
+                alone.append(exc)
+        return alone
 
     async def _apply(self, t: Transition, update: str, params: list[Any], simple: bool) -> Applied:
         async with self._connection("step commit", t.run_id) as conn:

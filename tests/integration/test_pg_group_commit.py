@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fluxrun import FluxEngine, PostgresStorage, WorkflowStatus, create_workflow
+from fluxrun import (
+    ConcurrentModificationError,
+    FluxEngine,
+    PostgresStorage,
+    WorkflowStatus,
+    create_workflow,
+)
 from fluxrun.storage._base import Applied
 from fluxrun.testing._rows import make_run, make_step, t
 
@@ -70,3 +76,34 @@ async def test_runs_in_flight_keep_every_value_with_group_commit(fresh_pg_dsn: s
             assert [h.output for h in stored.history] == [
                 {"i": i, "v": v, "n": n} for i, v in enumerate(ODD)
             ]
+
+
+async def test_a_pool_of_one_connection_serves_a_batch_and_its_fallback(
+    fresh_pg_dsn: str,
+) -> None:
+    """A batch refused as a whole (one step already recorded) is redone write by write
+    after its connection is given back: a pool of one connection does not wait on itself."""
+    store = PostgresStorage(fresh_pg_dsn, min_size=1, max_size=1, query_timeout=20)
+    await store.init()
+    try:
+        for i in range(20):
+            await store.create(make_run(f"r{i}"), lease_owner=None, lease_seconds=0)
+        await store.apply(t("r3", 1, fence=1, insert_step=make_step(0), current_step=0))
+        # r3 is at version 2 with step 0 recorded: its compare-and-set hits, its step row
+        # is refused, and with it the whole statement of its batch.
+        versions = {f"r{i}": 2 if i == 3 else 1 for i in range(20)}
+        outcomes = await asyncio.gather(
+            *(
+                store.apply(t(run_id, v, fence=1, insert_step=make_step(0), current_step=0))
+                for run_id, v in versions.items()
+            ),
+            return_exceptions=True,
+        )
+        for run_id, outcome in zip(versions, outcomes, strict=True):
+            if run_id == "r3":
+                assert isinstance(outcome, ConcurrentModificationError)
+                assert outcome.workflow_id == "r3"
+            else:
+                assert outcome == Applied(version=2, fence=1), (run_id, outcome)
+    finally:
+        await store.close()
