@@ -88,18 +88,7 @@ async def await_child(
     # The step's own timeout bounds the wait (the engine's default is for handlers).
     wake = None if step.timeout is None else timers + dt.timedelta(seconds=step.timeout)
     name = child_signal(child)
-    row = StepRow(
-        index=index,
-        name=step.name,
-        status=StepStatus.SUSPENDED.value,
-        started_at=started,
-        suspended_at=now,
-        waiting_for=name,
-        duration_ms=duration,
-        retries=attempts - 1,
-        changes=changes,
-        fence=d.fence,
-    )
+    row = d.suspended_row(index, started, now, name, duration, attempts, changes)
     meta: dict[str, Any] = {"child": child, "workflow": workflow}
     if wake is not None:
         meta["wakeAt"] = wake.isoformat()

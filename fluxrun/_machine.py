@@ -184,6 +184,31 @@ class RunMachine:
             wake=wake,
         )
 
+    def suspended_row(
+        self,
+        index: int,
+        started: dt.datetime,
+        now: dt.datetime,
+        waiting_for: str | None,
+        duration: float,
+        attempts: int,
+        changes: str | None,
+    ) -> StepRow:
+        """The row of step ``index`` that stops the run to wait (a signal, a child's
+        outcome, or a timer when ``waiting_for`` is None), with its attempt's changes."""
+        return StepRow(
+            index=index,
+            name=self.names[index],
+            status=StepStatus.SUSPENDED.value,
+            started_at=started,
+            suspended_at=now,
+            waiting_for=waiting_for,
+            duration_ms=duration,
+            retries=attempts - 1,
+            changes=changes,
+            fence=self.fence,
+        )
+
     def step_transition(self, row: StepRow) -> Transition:
         """The commit of a step's outcome on the forward path (the hot path: one per step,
         so it names only what it changes); the run is ``running`` after it."""

@@ -264,18 +264,7 @@ class RunDriver(RollbackDriver):
         else:
             signal = None
             wake = marker.until or timers + dt.timedelta(seconds=marker.seconds or 0.0)
-        row = StepRow(
-            index=index,
-            name=step.name,
-            status=StepStatus.SUSPENDED.value,
-            started_at=started,
-            suspended_at=now,
-            waiting_for=signal,
-            duration_ms=duration,
-            retries=attempts - 1,
-            changes=changes,
-            fence=self.fence,
-        )
+        row = self.suspended_row(index, started, now, signal, duration, attempts, changes)
         if taken is not None or (signal is None and wake is not None and wake <= timers):
             output = None if taken is None else taken.payload
             done = replace(row, status=_COMPLETED, completed_at=now, output=output)

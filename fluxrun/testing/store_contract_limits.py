@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ..errors import InvalidArgumentError
 from ..storage._base import RunRow, Store
 from ._rows import LONG_LEASE, make_run, must_load, t
 
@@ -133,3 +134,14 @@ async def test_concurrent_claimers_never_overfill_a_group(
     rows: list[RunRow] = [await must_load(store, f"{g}-{i}") for g in "ab" for i in range(20)]
     held = Counter(r.concurrency_key for r in rows if r.owner is not None)
     assert held == Counter({"a": 3, "b": 3})
+
+
+@pytest.mark.parametrize("bad", [{"wf": 0}, {"wf": -1}, {"wf": True}, {"wf": 1.5}, {3: 1}])
+async def test_a_bad_limit_is_refused_before_anything_is_claimed(
+    store: Store, bad: dict[object, object]
+) -> None:
+    _limits(store)
+    await _add(store, "a-0", "a")
+    with pytest.raises(InvalidArgumentError, match="concurrency limit"):
+        await store.claim_due("me", ["wf"], 10, LONG_LEASE, bad)  # type: ignore[arg-type]
+    assert (await must_load(store, "a-0")).owner is None  # nothing claimed
